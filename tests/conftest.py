@@ -1,0 +1,111 @@
+"""Shared fixtures: one embedded PostgreSQL, one embedder and one stand-in reranker per test session.
+
+Tests use real parts: the pgserver-embedded PostgreSQL 16 + pgvector (or the server in ``RAG_TEST_DATABASE_URL``),
+the packaged all-MiniLM-L6-v2, and the offline stand-in cross-encoder. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CRANFIELD = SHARED / "datasets" / "cranfield"
+
+# Tests never reach for the hub, whatever the caller's environment says.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data_dir for the session: the model cache (stand-in) lives here."""
+    return tmp_path_factory.mktemp("ragstate")
+
+
+@pytest.fixture(scope="session")
+def db_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """URL of a PostgreSQL with pgvector: RAG_TEST_DATABASE_URL, else a session-scoped embedded server."""
+    external = os.environ.get("RAG_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    import pgserver
+
+    pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
+    srv = pgserver.get_server(pgdata, cleanup_mode="delete")
+    yield srv.get_uri()
+    srv.cleanup()
+
+
+@pytest.fixture(scope="session")
+def settings(state_dir: Path, db_url: str):
+    from rag.settings import Settings
+
+    return Settings(data_dir=state_dir, database_url=db_url, offline=True)
+
+
+@pytest.fixture(scope="session")
+def embedder(settings):
+    from rag.embed import Embedder
+
+    return Embedder(settings.embedding_model, dtype="float32", offline=True)
+
+
+@pytest.fixture(scope="session")
+def reranker(settings):
+    import warnings
+
+    from rag.models import StandInWarning
+    from rag.rerank import CrossEncoderReranker
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StandInWarning)
+        return CrossEncoderReranker(settings.rerank_model, cache_dir=settings.model_cache, offline=True)
+
+
+@pytest.fixture(scope="session")
+def store(settings, db_url):
+    from rag.store import Store
+
+    s = Store(db_url, max_size=4)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def collection(store) -> str:
+    """A fresh, uniquely named collection, dropped after the test."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    yield name
+    store.drop_collection(name)
+
+
+@pytest.fixture
+def pipeline(settings, embedder, store, reranker):
+    from rag.pipeline import Pipeline
+
+    return Pipeline(settings, embedder=embedder, store=store, reranker=reranker)
+
+
+@pytest.fixture(scope="session")
+def cranfield() -> Path:
+    if not (CRANFIELD / "corpus.jsonl").exists():
+        pytest.skip(f"Cranfield dataset not found at {CRANFIELD} (../shared/ is only on developer machines and CI)")
+    return CRANFIELD
