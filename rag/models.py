@@ -110,7 +110,7 @@ def resolve_cross_encoder(model: str, *, cache_dir: Path, offline: bool = False)
         "rankings are NOT. Set RAG_RERANK_MODEL to a local copy of the real model for relevance."
     )
     warnings.warn(msg, StandInWarning, stacklevel=2)
-    log.warning(msg)
+    log.info(msg)
     return ResolvedModel(model, str(path), "stand-in", trained=False)
 
 

@@ -1,0 +1,305 @@
+"""``rag``: the command line. db, ingest, query, serve, eval, bench.
+
+Every command reads its defaults from ``Settings`` (env prefix ``RAG_``); flags override them. Errors the
+user can fix print one line (``error: ...``) and exit with status 2; nothing prints a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from rag.errors import RagError
+from rag.settings import Settings, get_settings
+
+app = typer.Typer(
+    help="Two-stage retrieval: pgvector candidates, cross-encoder rerank, served by Ray Serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The embedded PostgreSQL + pgvector (used when RAG_DATABASE_URL is unset).",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+CollectionOpt = Annotated[
+    str | None, typer.Option("--collection", "-c", help="Collection to use [default: RAG_COLLECTION or 'default'].")
+]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return get_settings().with_overrides(**overrides)
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (weight-loading reports, progress bars) off the user's terminal."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("transformers", "sentence_transformers", "huggingface_hub", "pgserver", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+
+
+# --------------------------------------------------------------------------------------------------
+# rag db
+# --------------------------------------------------------------------------------------------------
+def _embedded():
+    from rag.db import EmbeddedPostgres
+
+    return EmbeddedPostgres(get_settings().pgdata)
+
+
+@db_app.command("start")
+def db_start() -> None:
+    """Start the embedded PostgreSQL (data in RAG_DATA_DIR/pgdata; survives stop/start)."""
+    s = get_settings()
+    if s.database_url:
+        typer.echo("RAG_DATABASE_URL is set: the embedded database is not used.")
+        return
+    url = _embedded().start()
+    from rag.store import migrate
+
+    migrate(url)
+    typer.echo(f"embedded PostgreSQL running: {url}")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL (data is kept)."""
+    typer.echo("stopped" if _embedded().stop() else "not running")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Show whether the embedded PostgreSQL runs, where its data is, and its collections."""
+    s = get_settings()
+    if s.database_url:
+        from rag.errors import redact_url
+
+        typer.echo(f"external database (RAG_DATABASE_URL): {redact_url(s.database_url)}")
+        url = s.database_url
+    else:
+        st = _embedded().status()
+        typer.echo(f"embedded PostgreSQL: {'running' if st.running else 'stopped'} (data: {st.pgdata})")
+        if not st.running:
+            raise typer.Exit(1)
+        url = st.url or ""
+    from rag.store import Store
+
+    with Store(url, min_size=0, max_size=1) as store:
+        for c in store.collections():
+            typer.echo(f"  collection {c['name']}: {c['documents']} documents, {c['chunks']} chunks, "
+                       f"{c['dim']}-dim ({c['embedding_model']})")
+
+
+@db_app.command("url")
+def db_url() -> None:
+    """Print the database URL in use (starts the embedded server if needed)."""
+    from rag.db import database_url
+
+    typer.echo(database_url(get_settings()))
+
+
+@db_app.command("drop-collection")
+def db_drop(name: Annotated[str, typer.Argument(help="Collection to delete, with all its documents.")]) -> None:
+    """Delete a collection and everything ingested into it."""
+    from rag.pipeline import Pipeline
+
+    p = Pipeline(_settings(collection=name))
+    typer.echo(f"dropped {name}" if p.store.drop_collection(name) else f"no collection {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# rag ingest
+# --------------------------------------------------------------------------------------------------
+@app.command()
+def ingest(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Files (.txt .md .rst .jsonl), folders, or BEIR folders.",
+                                                       show_default=False)] = None,
+    demo: Annotated[bool, typer.Option(help="Index the Python standard library's docstrings (no download).")] = False,
+    if_empty: Annotated[bool, typer.Option(help="Do nothing when the collection already has chunks.")] = False,
+    collection: CollectionOpt = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="Chunk size in tokens [RAG_CHUNK_TOKENS].")] = None,
+    chunk_overlap: Annotated[int | None, typer.Option(help="Overlap in tokens [RAG_CHUNK_OVERLAP].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Chunk, embed and store documents. Re-running adds nothing new; changed documents are replaced."""
+    from rag.ingest import IngestReport, iter_demo, iter_paths
+    from rag.ingest import ingest as run_ingest
+    from rag.pipeline import Pipeline
+
+    if not paths and not demo:
+        raise typer.BadParameter("give one or more PATHs, or --demo for the stdlib demo corpus")
+    s = _settings(collection=collection, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+    p = Pipeline(s)
+    if if_empty and p.store.count(s.collection) > 0:
+        typer.echo(f"collection {s.collection!r} already has {p.store.count(s.collection)} chunks: nothing to do")
+        return
+    report = IngestReport(s.collection)
+    docs = iter_demo() if demo else iter_paths(paths or [], report.skipped)
+    total = None
+    if demo:
+        docs = list(docs)
+        total = len(docs)
+    run_ingest(docs, embedder=p.embedder, store=p.store, collection=s.collection, chunk_tokens=s.chunk_tokens,
+               chunk_overlap=s.chunk_overlap, batch_docs=s.ingest_batch_docs, progress=not as_json,
+               total=total, report=report)
+    if as_json:
+        _echo_json(report.as_dict())
+        return
+    for skip in report.skipped:
+        typer.secho(f"skipped {skip}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(report.summary())
+
+
+# --------------------------------------------------------------------------------------------------
+# rag query
+# --------------------------------------------------------------------------------------------------
+@app.command()
+def query(
+    text: Annotated[str, typer.Argument(help="The question to search for.")],
+    fetch_k: Annotated[int | None, typer.Option(help="Stage-1 candidates [RAG_FETCH_K, 100].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Results to return [RAG_TOP_K, 8].")] = None,
+    no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Stage 1 only (dense order).")] = False,
+    collection: CollectionOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results, timings and reranker as JSON.")] = False,
+) -> None:
+    """Search: embed, fetch candidates from pgvector, rerank, print the best with scores and timings."""
+    from rag.pipeline import Pipeline
+
+    s = _settings(collection=collection)
+    res = Pipeline(s).search(text, fetch_k=fetch_k, top_k=top_k, rerank=not no_rerank)
+    if as_json:
+        _echo_json({"results": res.hits, "timings_ms": res.timings_ms, "reranker": res.reranker,
+                    "reranked": res.reranked, "reason": res.reason})
+        return
+    for i, h in enumerate(res.hits, 1):
+        snippet = " ".join(h["content"].split())[:160]
+        typer.echo(f"{i:>2}. score={h['score']:.4f} dense={h['dense_score']:.4f}  {h['id']}  [{h['source']}]")
+        typer.echo(f"    {snippet}")
+    t = res.timings_ms
+    typer.echo(f"\ntimings: embed {t['embed']:.1f} ms, retrieve {t['retrieve']:.1f} ms, "
+               f"rerank {t['rerank']:.1f} ms, total {t['total']:.1f} ms")
+    r = res.reranker
+    if res.reranked:
+        typer.echo(f"reranker: {r.get('backend')} {r.get('model')} on {r.get('device')} ({r.get('dtype')})"
+                   + ("" if r.get("trained", True) else "  [STAND-IN, untrained: ranking not meaningful]"))
+    else:
+        typer.echo(f"not reranked ({res.reason})")
+
+
+# --------------------------------------------------------------------------------------------------
+# rag serve
+# --------------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(help="Serve config YAML [serve_config.cpu.yaml without a GPU, "
+                                                      "else serve_config.yaml].")] = None,
+    collection: CollectionOpt = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port [RAG_SERVE_PORT, 8000].")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Ray metrics export port [RAG_METRICS_PORT, 8080].")] = None,
+) -> None:
+    """Start a local Ray, the embedded database (unless RAG_DATABASE_URL is set) and the Serve app; Ctrl-C stops."""
+    from deployments.launch import serve as run_serve
+
+    run_serve(_settings(collection=collection, serve_port=port, metrics_port=metrics_port), config)
+
+
+# --------------------------------------------------------------------------------------------------
+# rag eval
+# --------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_cmd(
+    dataset: Annotated[Path, typer.Argument(help="A BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or a "
+                                                 "questions .jsonl with expected_sources.")],
+    no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Evaluate stage 1 alone.")] = False,
+    fetch_k: Annotated[int, typer.Option(help="Candidates for reranking.")] = 100,
+    top_k: Annotated[int, typer.Option(help="Results kept (recall@top_k).")] = 8,
+    collection: Annotated[str | None, typer.Option("--collection", "-c", help="Collection [BEIR: the folder's "
+                                                   "name, ingested on first use; jsonl: RAG_COLLECTION].")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N queries.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON results and PNG chart.")] = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
+) -> None:
+    """Compare stage 1 (retrieve, k=top_k) with stage 1 + rerank: recall@k, nDCG@10, MRR@10."""
+    from rag.eval import ensure_corpus, evaluate, load_dataset, save_results
+    from rag.pipeline import Pipeline, validate_search
+
+    s = get_settings()
+    validate_search("x", fetch_k, top_k, s.max_fetch_k)
+    ds = load_dataset(dataset)
+    coll = collection or (ds.name if ds.corpus is not None else s.collection)
+    p = Pipeline(s.with_overrides(collection=coll, **({"reranker": "none"} if no_rerank else {})))
+    ensure_corpus(p, ds, coll, progress=not as_json)
+    res = evaluate(p, ds, collection=coll, rerank=not no_rerank, fetch_k=fetch_k, top_k=top_k, limit=limit,
+                   progress=not as_json)
+    jpath, ppath = save_results(res, out)
+    res["files"] = {"json": str(jpath), "png": str(ppath) if ppath else None}
+    if as_json:
+        _echo_json(res)
+        return
+    metric_names = [m for m in next(iter(res["systems"].values())) if "@" in m]
+    typer.echo(f"\n{res['dataset']} ({res['queries']} queries, collection {coll!r})")
+    typer.echo(f"{'system':<42}" + "".join(f"{m:>11}" for m in metric_names) + f"{'ms/query':>11}")
+    for sysname, vals in res["systems"].items():
+        label = f"{sysname}: {vals['description']}"
+        typer.echo(f"{label:<42}" + "".join(f"{vals[m]:>11.4f}" for m in metric_names)
+                   + f"{vals['ms_per_query']:>11.1f}")
+    for note in res["notes"]:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
+    typer.echo(f"saved {jpath}" + (f" and {ppath}" if ppath else ""))
+
+
+def _mount_bench() -> None:
+    try:
+        from rag import bench
+    except ImportError:  # benchmarks are optional in a trimmed install
+        return
+    app.add_typer(bench.app, name="bench")
+
+
+_mount_bench()
+
+
+def main() -> None:
+    """Entry point: one place turns expected errors into a one-line message and exit status 2."""
+    _quiet_libraries()
+    try:
+        app()
+    except RagError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except ValidationError as e:  # a bad RAG_* variable or flag value
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "settings"
+            typer.secho(f"error: {where}: {err['msg']}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
