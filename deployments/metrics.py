@@ -19,6 +19,8 @@ __all__ = [
     "CANDIDATES_BUCKETS",
     "LATENCY_MS_BUCKETS",
     "METRICS",
+    "RAY_SERVE_METRICS",
+    "exported_series",
     "get",
 ]
 
@@ -81,7 +83,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("stage", "error_type"),
         None,
     ),
-    "rag_db_pool_size": ("gauge", "Connections in the Retriever replica's pool (psycopg_pool pool_size).", (), None),
+    "rag_db_pool_size": (
+        "gauge", "Connections in the Retriever replica's pool (psycopg_pool pool_size).", (), None,
+    ),
     "rag_db_pool_available": ("gauge", "Idle connections in the pool (pool_available).", (), None),
     "rag_db_pool_max": ("gauge", "Maximum connections of the pool (pool_max).", (), None),
     "rag_db_requests_waiting": ("gauge", "Requests waiting for a connection (requests_waiting).", (), None),
@@ -92,6 +96,61 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         None,
     ),
 }
+
+
+# Ray Serve's built-in series that the dashboards and alerts reuse (Ray 2.60 names, checked against a running
+# app). name -> (kind, meaning, labels). Ray adds the ``ray_`` prefix on export, like for ours; counters get
+# ``_total``. Replica-level series also carry ``replica``; handle-level ones ``handle`` and ``actor_id``.
+_HTTP = ("application", "route", "method", "status_code")
+_DEP = ("application", "deployment")
+_REPLICA = ("application", "deployment", "replica")
+_BATCH = ("application", "deployment", "replica", "function_name")
+_HANDLE = ("application", "deployment", "handle", "actor_id")
+RAY_SERVE_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "serve_num_http_requests": ("counter", "HTTP requests answered by the Serve proxy.", _HTTP),
+    "serve_http_request_latency_ms": (
+        "histogram", "End-to-end HTTP latency measured at the Serve proxy (ms).", _HTTP,
+    ),
+    "serve_deployment_processing_latency_ms": (
+        "histogram", "Time a replica spent in the deployment's handler (ms).", (*_REPLICA, "route"),
+    ),
+    "serve_deployment_queued_queries": (
+        "gauge", "Requests waiting in a handle for a replica (router queue).", _HANDLE,
+    ),
+    "serve_num_ongoing_requests_at_replicas": (
+        "gauge", "Requests a handle has sent to replicas and not yet seen finish.", _HANDLE,
+    ),
+    "serve_batch_queue_length": ("gauge", "Requests waiting in a replica's @serve.batch queue.", _BATCH),
+    "serve_actual_batch_size": (
+        "histogram", "Items in each @serve.batch call (requests, or batch_size_fn's count).", _BATCH,
+    ),
+    "serve_batch_utilization_percent": (
+        "histogram", "Batch size as a percentage of max_batch_size (actual / max * 100).", _BATCH,
+    ),
+    "serve_deployment_replica_healthy": (
+        "gauge", "1 per healthy replica, 0 once it fails or stops (sum = ready replicas).", _REPLICA,
+    ),
+    "serve_autoscaling_target_replicas": (
+        "gauge", "Replicas the controller is steering the deployment to (every deployment).", _DEP,
+    ),
+    "serve_autoscaling_desired_replicas": (
+        "gauge", "Autoscaling policy's raw decision, before min/max bounds (autoscaling only).", _DEP,
+    ),
+    "serve_autoscaling_target_ongoing_requests": (
+        "gauge", "Configured target_ongoing_requests per replica (autoscaling deployments only).", _DEP,
+    ),
+}
+
+
+def exported_series(name: str) -> list[str]:
+    """The series names Prometheus scrapes for ``name`` (ours or a built-in), with Ray's ``ray_`` prefix."""
+    kind = METRICS[name][0] if name in METRICS else RAY_SERVE_METRICS[name][0]
+    base = "ray_" + name
+    if kind == "histogram":
+        return [base + "_bucket", base + "_sum", base + "_count"]
+    if kind == "counter":  # the exporter appends _total unless the name already ends with it
+        return [base if base.endswith("_total") else base + "_total"]
+    return [base]
 
 
 @cache
