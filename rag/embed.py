@@ -70,7 +70,7 @@ class Embedder:
             raise ModelError(f"could not load embedding model {model!r} from {self.resolved.path}: {e}") from e
         if self.dtype != "float32":
             self.model.to(getattr(torch, self.dtype))
-        self.dim: int = int(self.model.get_sentence_embedding_dimension())
+        self.dim: int = int(self.model.get_embedding_dimension())
         self.tokenizer = self.model.tokenizer
         self.max_seq_length: int = int(self.model.max_seq_length)
 

@@ -105,6 +105,7 @@ class Pipeline:
                 self._store = Store(
                     database_url(s), min_size=s.pool_min_size, max_size=s.pool_max_size,
                     timeout_s=s.connect_timeout_s, ef_search_min=s.hnsw_ef_search_min,
+                    ef_search_factor=s.hnsw_ef_search_factor,
                     hnsw_m=s.hnsw_m, hnsw_ef_construction=s.hnsw_ef_construction,
                 )
             return self._store

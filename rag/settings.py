@@ -40,7 +40,10 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(16, ge=2, le=100)
     hnsw_ef_construction: int = Field(64, ge=4, le=1000)
     hnsw_ef_search_min: int = Field(
-        40, ge=1, le=1000, description="ef_search floor; each query uses max(k, this)."
+        40, ge=1, le=1000, description="ef_search floor; a query of k uses max(this, k * factor)."
+    )
+    hnsw_ef_search_factor: float = Field(
+        1.5, ge=1.0, le=10.0, description="ef_search = k x this: the recall margin over k (1.0 = exactly k)."
     )
 
     # --- models --------------------------------------------------------------------------------

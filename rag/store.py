@@ -6,7 +6,7 @@ collection per table keeps filtered-search problems away: HNSW scans only the co
 ``LIMIT k`` really returns ``k`` rows.
 
 pgvector's ``hnsw.ef_search`` defaults to 40, which silently caps ``LIMIT 100`` at 40 rows; every search
-sets it per transaction to ``max(k, hnsw_ef_search_min)``.
+sets it per transaction to ``max(hnsw_ef_search_min, k * hnsw_ef_search_factor)`` (at most 1000).
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def _search_sql(collection: str) -> sql.Composed:
     ).format(chunks)
 
 
-def _ef_search(k: int, floor: int) -> str:
-    return str(min(MAX_EF_SEARCH, max(k, floor)))
+def _ef_search(k: int, floor: int, factor: float) -> str:
+    """hnsw.ef_search for a query of ``k``: at least k (else pgvector returns fewer rows), times a margin."""
+    return str(min(MAX_EF_SEARCH, max(floor, k, int(k * factor))))
 
 
 def _rows_to_dicts(rows: Sequence[tuple]) -> list[dict[str, Any]]:
@@ -149,6 +150,7 @@ class Store:
         max_size: int = 8,
         timeout_s: float = 5.0,
         ef_search_min: int = 40,
+        ef_search_factor: float = 1.5,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
     ) -> None:
@@ -156,6 +158,7 @@ class Store:
 
         self.url = url
         self.ef_search_min = ef_search_min
+        self.ef_search_factor = ef_search_factor
         self.hnsw_m = hnsw_m
         self.hnsw_ef_construction = hnsw_ef_construction
         self._dims: dict[str, int] = {}
@@ -218,6 +221,7 @@ class Store:
         """The collection's vector dimension; CollectionError if it does not exist."""
         if collection in self._dims:
             return self._dims[collection]
+        validate_collection_name(collection)
         with self.connection() as conn:
             row = conn.execute("SELECT dim FROM rag_collections WHERE name = %s", [collection]).fetchone()
         if row is None:
@@ -407,24 +411,24 @@ class Store:
         _check_k(k)
         v = _check_vector(vector, self.collection_dim(collection), collection)
         with self.connection() as conn, conn.transaction():
-            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [_ef_search(k, self.ef_search_min)])
+            ef = _ef_search(k, self.ef_search_min, self.ef_search_factor)
+            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [ef])
             if exact:
                 conn.execute("SET LOCAL enable_indexscan = off")
             rows = conn.execute(_search_sql(collection), {"q": v, "k": k}).fetchall()
         return _rows_to_dicts(rows)
 
-    def set_ef_search_min(self, value: int) -> None:
-        self.ef_search_min = value
 
 
 class AsyncStore:
     """Search-only async store for Serve replicas: one ``AsyncConnectionPool`` per replica."""
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, timeout_s: float = 5.0,
-                 ef_search_min: int = 40) -> None:
+                 ef_search_min: int = 40, ef_search_factor: float = 1.5) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.ef_search_min = ef_search_min
+        self.ef_search_factor = ef_search_factor
         self._dims: dict[str, int] = {}
         self.pool = AsyncConnectionPool(
             url, min_size=min_size, max_size=max_size, timeout=timeout_s, open=False,
@@ -474,7 +478,7 @@ class AsyncStore:
         v = _check_vector(vector, await self.collection_dim(collection), collection)
         async with self.connection() as conn, conn.transaction():
             await conn.execute(
-                "SELECT set_config('hnsw.ef_search', %s, true)", [_ef_search(k, self.ef_search_min)]
+                "SELECT set_config('hnsw.ef_search', %s, true)", [_ef_search(k, self.ef_search_min, self.ef_search_factor)]
             )
             cur = await conn.execute(_search_sql(collection), {"q": v, "k": k})
             rows = await cur.fetchall()

@@ -46,12 +46,19 @@ def db_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     if external:
         yield external
         return
+    import shutil
+    import tempfile
+
     import pgserver
 
-    pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
-    srv = pgserver.get_server(pgdata, cleanup_mode="delete")
+    # Not under pytest's tmp dirs: as root, pgserver runs postgres as the 'pgserver' user, which must be able
+    # to traverse the path, and pytest resets /tmp/pytest-of-<user> to 0700 whenever a session starts.
+    base = Path(tempfile.mkdtemp(prefix="rag-test-pg-"))
+    base.chmod(0o755)
+    srv = pgserver.get_server(base / "pgdata", cleanup_mode="delete")
     yield srv.get_uri()
     srv.cleanup()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
