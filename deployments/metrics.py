@@ -29,7 +29,8 @@ LATENCY_MS_BUCKETS = [1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 30
                       1000, 1500, 2000, 3000, 5000, 10000, 30000]
 BATCH_PAIRS_BUCKETS = [1, 10, 50, 100, 200, 400, 800, 1600, 3200, 6400]
 BATCH_REQUESTS_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
-CANDIDATES_BUCKETS = [0, 1, 8, 16, 32, 64, 100, 200, 500, 1000]
+# Ray rejects a 0 boundary (it must be positive): le=0.5 is the bucket of requests with no candidates.
+CANDIDATES_BUCKETS = [0.5, 1, 8, 16, 32, 64, 100, 200, 500, 1000]
 
 # name -> (kind, description, tag keys, buckets). The single source for code, dashboards and docs.
 METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
