@@ -144,10 +144,12 @@ class Pipeline:
         fetch_k = s.fetch_k if fetch_k is None else fetch_k
         top_k = s.top_k if top_k is None else top_k
         validate_search(query, fetch_k, top_k, s.max_fetch_k)
+        coll = collection or s.collection
+        self.store.collection_dim(coll)  # an unknown collection fails before any model loads
         t0 = time.perf_counter()
         vec = self.embedder.embed_query(query)
         t1 = time.perf_counter()
-        candidates = self.store.search(collection or s.collection, vec, fetch_k)
+        candidates = self.store.search(coll, vec, fetch_k)
         t2 = time.perf_counter()
         reranker = self.reranker
         timings = {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3, "rerank": 0.0}
