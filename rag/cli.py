@@ -25,12 +25,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-db_app = typer.Typer(help="The embedded PostgreSQL + pgvector (used when RAG_DATABASE_URL is unset).",
-                     no_args_is_help=True)
+db_app = typer.Typer(
+    help="The embedded PostgreSQL + pgvector (used when RAG_DATABASE_URL is unset).", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 
 CollectionOpt = Annotated[
-    str | None, typer.Option("--collection", "-c", help="Collection to use [default: RAG_COLLECTION or 'default'].")
+    str | None,
+    typer.Option("--collection", "-c", help="Collection to use [default: RAG_COLLECTION or 'default']."),
 ]
 
 
@@ -111,8 +113,10 @@ def db_status() -> None:
 
     with Store(url, min_size=0, max_size=1) as store:
         for c in store.collections():
-            typer.echo(f"  collection {c['name']}: {c['documents']} documents, {c['chunks']} chunks, "
-                       f"{c['dim']}-dim ({c['embedding_model']})")
+            typer.echo(
+                f"  collection {c['name']}: {c['documents']} documents, {c['chunks']} chunks, "
+                f"{c['dim']}-dim ({c['embedding_model']})"
+            )
 
 
 @db_app.command("url")
@@ -124,7 +128,9 @@ def db_url() -> None:
 
 
 @db_app.command("drop-collection")
-def db_drop(name: Annotated[str, typer.Argument(help="Collection to delete, with all its documents.")]) -> None:
+def db_drop(
+    name: Annotated[str, typer.Argument(help="Collection to delete, with all its documents.")],
+) -> None:
     """Delete a collection and everything ingested into it."""
     from rag.pipeline import Pipeline
 
@@ -137,10 +143,16 @@ def db_drop(name: Annotated[str, typer.Argument(help="Collection to delete, with
 # --------------------------------------------------------------------------------------------------
 @app.command()
 def ingest(
-    paths: Annotated[list[Path] | None, typer.Argument(help="Files (.txt .md .rst .jsonl), folders, or BEIR folders.",
-                                                       show_default=False)] = None,
-    demo: Annotated[bool, typer.Option(help="Index the Python standard library's docstrings (no download).")] = False,
-    if_empty: Annotated[bool, typer.Option(help="Do nothing when the collection already has chunks.")] = False,
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Files (.txt .md .rst .jsonl), folders, or BEIR folders.", show_default=False),
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option(help="Index the Python standard library's docstrings (no download).")
+    ] = False,
+    if_empty: Annotated[
+        bool, typer.Option(help="Do nothing when the collection already has chunks.")
+    ] = False,
     collection: CollectionOpt = None,
     chunk_tokens: Annotated[int | None, typer.Option(help="Chunk size in tokens [RAG_CHUNK_TOKENS].")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Overlap in tokens [RAG_CHUNK_OVERLAP].")] = None,
@@ -156,7 +168,9 @@ def ingest(
     s = _settings(collection=collection, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
     p = Pipeline(s)
     if if_empty and p.store.count(s.collection) > 0:
-        typer.echo(f"collection {s.collection!r} already has {p.store.count(s.collection)} chunks: nothing to do")
+        typer.echo(
+            f"collection {s.collection!r} already has {p.store.count(s.collection)} chunks: nothing to do"
+        )
         return
     report = IngestReport(s.collection)
     docs = iter_demo() if demo else iter_paths(paths or [], report.skipped)
@@ -164,9 +178,18 @@ def ingest(
     if demo:
         docs = list(docs)
         total = len(docs)
-    run_ingest(docs, embedder=p.embedder, store=p.store, collection=s.collection, chunk_tokens=s.chunk_tokens,
-               chunk_overlap=s.chunk_overlap, batch_docs=s.ingest_batch_docs, progress=not as_json,
-               total=total, report=report)
+    run_ingest(
+        docs,
+        embedder=p.embedder,
+        store=p.store,
+        collection=s.collection,
+        chunk_tokens=s.chunk_tokens,
+        chunk_overlap=s.chunk_overlap,
+        batch_docs=s.ingest_batch_docs,
+        progress=not as_json,
+        total=total,
+        report=report,
+    )
     if as_json:
         _echo_json(report.as_dict())
         return
@@ -185,7 +208,9 @@ def query(
     top_k: Annotated[int | None, typer.Option(help="Results to return [RAG_TOP_K, 8].")] = None,
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Stage 1 only (dense order).")] = False,
     collection: CollectionOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print results, timings and reranker as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print results, timings and reranker as JSON.")
+    ] = False,
 ) -> None:
     """Search: embed, fetch candidates from pgvector, rerank, print the best with scores and timings."""
     from rag.pipeline import Pipeline
@@ -193,20 +218,31 @@ def query(
     s = _settings(collection=collection)
     res = Pipeline(s).search(text, fetch_k=fetch_k, top_k=top_k, rerank=not no_rerank)
     if as_json:
-        _echo_json({"results": res.hits, "timings_ms": res.timings_ms, "reranker": res.reranker,
-                    "reranked": res.reranked, "reason": res.reason})
+        _echo_json(
+            {
+                "results": res.hits,
+                "timings_ms": res.timings_ms,
+                "reranker": res.reranker,
+                "reranked": res.reranked,
+                "reason": res.reason,
+            }
+        )
         return
     for i, h in enumerate(res.hits, 1):
         snippet = " ".join(h["content"].split())[:160]
         typer.echo(f"{i:>2}. score={h['score']:.4f} dense={h['dense_score']:.4f}  {h['id']}  [{h['source']}]")
         typer.echo(f"    {snippet}")
     t = res.timings_ms
-    typer.echo(f"\ntimings: embed {t['embed']:.1f} ms, retrieve {t['retrieve']:.1f} ms, "
-               f"rerank {t['rerank']:.1f} ms, total {t['total']:.1f} ms")
+    typer.echo(
+        f"\ntimings: embed {t['embed']:.1f} ms, retrieve {t['retrieve']:.1f} ms, "
+        f"rerank {t['rerank']:.1f} ms, total {t['total']:.1f} ms"
+    )
     r = res.reranker
     if res.reranked:
-        typer.echo(f"reranker: {r.get('backend')} {r.get('model')} on {r.get('device')} ({r.get('dtype')})"
-                   + ("" if r.get("trained", True) else "  [STAND-IN, untrained: ranking not meaningful]"))
+        typer.echo(
+            f"reranker: {r.get('backend')} {r.get('model')} on {r.get('device')} ({r.get('dtype')})"
+            + ("" if r.get("trained", True) else "  [STAND-IN, untrained: ranking not meaningful]")
+        )
     else:
         typer.echo(f"not reranked ({res.reason})")
 
@@ -216,13 +252,19 @@ def query(
 # --------------------------------------------------------------------------------------------------
 @app.command()
 def serve(
-    config: Annotated[Path | None, typer.Option(help="Serve config YAML [serve_config.cpu.yaml without a GPU, "
-                                                      "else serve_config.yaml].")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Serve config YAML [serve_config.cpu.yaml without a GPU, else serve_config.yaml]."),
+    ] = None,
     collection: CollectionOpt = None,
     port: Annotated[int | None, typer.Option(help="HTTP port [RAG_SERVE_PORT, 8000].")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Ray metrics export port [RAG_METRICS_PORT, 8080].")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Ray metrics export port [RAG_METRICS_PORT, 8080].")
+    ] = None,
 ) -> None:
-    """Start a local Ray, the embedded database (unless RAG_DATABASE_URL is set) and the Serve app; Ctrl-C stops."""
+    """Start a local Ray, the embedded database (unless RAG_DATABASE_URL is set) and the Serve app.
+
+    Ctrl-C shuts everything down."""
     from deployments.launch import serve as run_serve
 
     run_serve(_settings(collection=collection, serve_port=port, metrics_port=metrics_port), config)
@@ -233,13 +275,24 @@ def serve(
 # --------------------------------------------------------------------------------------------------
 @app.command("eval")
 def eval_cmd(
-    dataset: Annotated[Path, typer.Argument(help="A BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or a "
-                                                 "questions .jsonl with expected_sources.")],
+    dataset: Annotated[
+        Path,
+        typer.Argument(
+            help="A BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or a "
+            "questions .jsonl with expected_sources."
+        ),
+    ],
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Evaluate stage 1 alone.")] = False,
     fetch_k: Annotated[int, typer.Option(help="Candidates for reranking.")] = 100,
     top_k: Annotated[int, typer.Option(help="Results kept (recall@top_k).")] = 8,
-    collection: Annotated[str | None, typer.Option("--collection", "-c", help="Collection [BEIR: the folder's "
-                                                   "name, ingested on first use; jsonl: RAG_COLLECTION].")] = None,
+    collection: Annotated[
+        str | None,
+        typer.Option(
+            "--collection",
+            "-c",
+            help="Collection [BEIR: the folder's name, ingested on first use; jsonl: RAG_COLLECTION].",
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N queries.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results and PNG chart.")] = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
@@ -254,8 +307,16 @@ def eval_cmd(
     coll = collection or (ds.name if ds.corpus is not None else s.collection)
     p = Pipeline(s.with_overrides(collection=coll, **({"reranker": "none"} if no_rerank else {})))
     ensure_corpus(p, ds, coll, progress=not as_json)
-    res = evaluate(p, ds, collection=coll, rerank=not no_rerank, fetch_k=fetch_k, top_k=top_k, limit=limit,
-                   progress=not as_json)
+    res = evaluate(
+        p,
+        ds,
+        collection=coll,
+        rerank=not no_rerank,
+        fetch_k=fetch_k,
+        top_k=top_k,
+        limit=limit,
+        progress=not as_json,
+    )
     jpath, ppath = save_results(res, out)
     res["files"] = {"json": str(jpath), "png": str(ppath) if ppath else None}
     if as_json:
@@ -266,8 +327,11 @@ def eval_cmd(
     typer.echo(f"{'system':<42}" + "".join(f"{m:>11}" for m in metric_names) + f"{'ms/query':>11}")
     for sysname, vals in res["systems"].items():
         label = f"{sysname}: {vals['description']}"
-        typer.echo(f"{label:<42}" + "".join(f"{vals[m]:>11.4f}" for m in metric_names)
-                   + f"{vals['ms_per_query']:>11.1f}")
+        typer.echo(
+            f"{label:<42}"
+            + "".join(f"{vals[m]:>11.4f}" for m in metric_names)
+            + f"{vals['ms_per_query']:>11.1f}"
+        )
     for note in res["notes"]:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
     typer.echo(f"saved {jpath}" + (f" and {ppath}" if ppath else ""))

@@ -38,7 +38,9 @@ class EmbeddedPostgres:
         try:
             import pgserver
         except ImportError as e:  # pragma: no cover - a dependency
-            raise StoreUnavailable("the embedded database needs the 'pgserver' package: pip install pgserver") from e
+            raise StoreUnavailable(
+                "the embedded database needs the 'pgserver' package: pip install pgserver"
+            ) from e
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         try:
             # cleanup_mode=None: the server keeps running after this process exits; `rag db stop` ends it.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ def pick_device(device: str) -> str:
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
@@ -66,8 +67,10 @@ class Embedder:
         self.batch_size = batch_size
         try:
             self.model = SentenceTransformer(self.resolved.path, device=self.device)
-        except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear error
-            raise ModelError(f"could not load embedding model {model!r} from {self.resolved.path}: {e}") from e
+        except Exception as e:
+            raise ModelError(
+                f"could not load embedding model {model!r} from {self.resolved.path}: {e}"
+            ) from e
         if self.dtype != "float32":
             self.model.to(getattr(torch, self.dtype))
         self.dim: int = int(self.model.get_embedding_dimension())

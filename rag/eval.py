@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EvalSet",
+    "ensure_corpus",
     "evaluate",
     "load_beir",
     "load_dataset",
     "load_jsonl",
     "mrr",
-    "ensure_corpus",
     "ndcg_at_k",
     "plot_results",
     "recall_at_k",
@@ -82,7 +82,9 @@ def load_beir(folder: str | Path, split: str = "test") -> EvalSet:
     qfile, rfile = root / "queries.jsonl", root / "qrels" / f"{split}.tsv"
     for f in (root / "corpus.jsonl", qfile, rfile):
         if not f.is_file():
-            raise IngestError(f"not a BEIR folder: {f} is missing (expected corpus.jsonl, queries.jsonl, qrels/)")
+            raise IngestError(
+                f"not a BEIR folder: {f} is missing (expected corpus.jsonl, queries.jsonl, qrels/)"
+            )
     qrels: Qrels = {}
     for n, line in enumerate(rfile.read_text(encoding="utf-8").splitlines()):
         parts = line.split("\t")
@@ -117,7 +119,9 @@ def load_jsonl(path: str | Path) -> EvalSet:
         q = rec.get("question", rec.get("query"))
         srcs = rec.get("expected_sources")
         if not isinstance(q, str) or not isinstance(srcs, list) or not srcs:
-            raise IngestError(f'{p}:{n}: each line needs "question" (string) and "expected_sources" (non-empty list)')
+            raise IngestError(
+                f'{p}:{n}: each line needs "question" (string) and "expected_sources" (non-empty list)'
+            )
         qid = str(rec.get("id", n))
         queries[qid] = q
         qrels[qid] = {str(s): 1 for s in srcs}
@@ -199,8 +203,11 @@ def evaluate(
         "top_k": top_k,
         "embedder": pipeline.embedder.info(),
         "systems": {
-            "dense": {**_scores(dense, ds.qrels, top_k), "ms_per_query": t_dense / n * 1e3,
-                      "description": f"stage 1: retrieve(k={top_k})"},
+            "dense": {
+                **_scores(dense, ds.qrels, top_k),
+                "ms_per_query": t_dense / n * 1e3,
+                "description": f"stage 1: retrieve(k={top_k})",
+            },
         },
         "notes": list(ds.notes),
     }
@@ -274,9 +281,15 @@ def ensure_corpus(pipeline: Pipeline, ds: EvalSet, collection: str, *, progress:
         s = pipeline.settings
         total = sum(1 for _ in ds.corpus.open(encoding="utf-8"))
         ingest(
-            iter_path(ds.corpus), embedder=pipeline.embedder, store=store, collection=collection,
-            chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap, batch_docs=s.ingest_batch_docs,
-            progress=progress, total=total,
+            iter_path(ds.corpus),
+            embedder=pipeline.embedder,
+            store=store,
+            collection=collection,
+            chunk_tokens=s.chunk_tokens,
+            chunk_overlap=s.chunk_overlap,
+            batch_docs=s.ingest_batch_docs,
+            progress=progress,
+            total=total,
         )
         n = store.count(collection)
     if n == 0:

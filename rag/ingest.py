@@ -160,21 +160,35 @@ def iter_path(path: str | Path, skipped: list[str] | None = None) -> Iterator[Do
         if text is not None:
             yield Document(str(p.resolve()), text, str(p), {"path": str(p.resolve())})
     else:
-        raise IngestError(f"unsupported file type {p.suffix or '(none)'} for {p}: use .txt, .md, .rst or .jsonl")
+        raise IngestError(
+            f"unsupported file type {p.suffix or '(none)'} for {p}: use .txt, .md, .rst or .jsonl"
+        )
 
 
 def iter_paths(paths: Iterable[str | Path], skipped: list[str] | None = None) -> Iterator[Document]:
     paths = list(paths)
     for p in paths:  # fail fast on a missing path, before anything is written
         if not Path(p).expanduser().exists():
-            raise IngestError(f"path not found: {p} (give a file, a folder, or a BEIR folder with corpus.jsonl)")
+            raise IngestError(
+                f"path not found: {p} (give a file, a folder, or a BEIR folder with corpus.jsonl)"
+            )
     for p in paths:
         yield from iter_path(p, skipped)
 
 
 # --- demo corpus: the standard library's docstrings, read with ast (never imported) -----------------
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
-              "ensurepip", "turtledemo", "__phello__"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "ensurepip",
+    "turtledemo",
+    "__phello__",
+}
 
 
 def _stdlib_files() -> list[tuple[str, Path]]:
@@ -202,7 +216,9 @@ def iter_demo(limit: int | None = None, min_chars: int = 40) -> Iterator[Documen
         except (SyntaxError, ValueError, OSError):
             continue
 
-        def emit(qualname: str, node: ast.AST, kind: str) -> Document | None:
+        def emit(
+            qualname: str, node: ast.AST, kind: str, mod: str = mod, path: Path = path
+        ) -> Document | None:
             doc = ast.get_docstring(node)  # type: ignore[arg-type]
             if not doc or len(doc) < min_chars:
                 return None
@@ -221,7 +237,9 @@ def iter_demo(limit: int | None = None, min_chars: int = 40) -> Iterator[Documen
             elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
                 found.append(emit(f"{mod}.{node.name}", node, "class"))
                 for sub in node.body:
-                    if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef) and not sub.name.startswith("_"):
+                    if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef) and not sub.name.startswith(
+                        "_"
+                    ):
                         found.append(emit(f"{mod}.{node.name}.{sub.name}", sub, "method"))
         for d in found:
             if d is not None:
@@ -317,7 +335,9 @@ def ingest(
                 doc_rows.append(DocumentRow(d.doc_id, d.source, hashes[d.doc_id], d.metadata))
                 for i, piece in enumerate(pieces):
                     cid = d.doc_id if len(pieces) == 1 else f"{d.doc_id}#{i}"
-                    chunk_rows.append(ChunkRow(cid, d.doc_id, d.source, i, piece, content_hash(piece), d.metadata))
+                    chunk_rows.append(
+                        ChunkRow(cid, d.doc_id, d.source, i, piece, content_hash(piece), d.metadata)
+                    )
             if doc_rows:
                 vecs = embedder.embed_documents([c.content for c in chunk_rows])
                 st = store.write_batch(collection, doc_rows, chunk_rows, vecs)

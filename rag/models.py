@@ -67,13 +67,13 @@ def _from_hub(model_id: str, offline: bool) -> tuple[str, str] | None:
 
     try:
         return snapshot_download(model_id, local_files_only=True), "hf-cache"
-    except Exception:  # noqa: BLE001 - not cached; any error means "not here"
+    except Exception:
         pass
     if offline:
         return None
     try:
         return snapshot_download(model_id), "hub"
-    except Exception as e:  # noqa: BLE001 - no network, unknown id, gated...
+    except Exception as e:
         log.info("could not download %s from the hub: %s", model_id, e)
         return None
 

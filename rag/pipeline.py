@@ -89,8 +89,11 @@ class Pipeline:
 
                 s = self.settings
                 self._embedder = Embedder(
-                    s.embedding_model, device=s.embedding_device, dtype=s.embedding_dtype,
-                    batch_size=s.embed_batch_size, offline=s.offline,
+                    s.embedding_model,
+                    device=s.embedding_device,
+                    dtype=s.embedding_dtype,
+                    batch_size=s.embed_batch_size,
+                    offline=s.offline,
                 )
             return self._embedder
 
@@ -103,10 +106,14 @@ class Pipeline:
 
                 s = self.settings
                 self._store = Store(
-                    database_url(s), min_size=s.pool_min_size, max_size=s.pool_max_size,
-                    timeout_s=s.connect_timeout_s, ef_search_min=s.hnsw_ef_search_min,
+                    database_url(s),
+                    min_size=s.pool_min_size,
+                    max_size=s.pool_max_size,
+                    timeout_s=s.connect_timeout_s,
+                    ef_search_min=s.hnsw_ef_search_min,
                     ef_search_factor=s.hnsw_ef_search_factor,
-                    hnsw_m=s.hnsw_m, hnsw_ef_construction=s.hnsw_ef_construction,
+                    hnsw_m=s.hnsw_m,
+                    hnsw_ef_construction=s.hnsw_ef_construction,
                 )
             return self._store
 

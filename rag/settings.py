@@ -79,7 +79,9 @@ class Settings(BaseSettings):
     # --- retrieval defaults ----------------------------------------------------------------------
     fetch_k: int = Field(100, ge=1)
     top_k: int = Field(8, ge=1)
-    max_fetch_k: int = Field(1000, ge=1, le=1000, description="Upper bound on fetch_k (pgvector caps at 1000).")
+    max_fetch_k: int = Field(
+        1000, ge=1, le=1000, description="Upper bound on fetch_k (pgvector caps at 1000)."
+    )
 
     # --- ingest ----------------------------------------------------------------------------------
     chunk_tokens: int = Field(256, ge=16, le=512, description="Chunk size in embedding-model tokens.")

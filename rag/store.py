@@ -87,9 +87,14 @@ def _tables(collection: str) -> tuple[sql.Identifier, sql.Identifier]:
     return sql.Identifier(f"rag_docs_{collection}"), sql.Identifier(f"rag_chunks_{collection}")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
+
+
 def _unavailable(url: str, err: BaseException) -> StoreUnavailable:
     return StoreUnavailable(
-        f"cannot reach PostgreSQL at {redact_url(url)}: {str(err).strip().splitlines()[0] if str(err) else err!r}. "
+        f"cannot reach PostgreSQL at {redact_url(url)}: {_first_line(err)}. "
         "Start the embedded database with `rag db start` (used when RAG_DATABASE_URL is unset), "
         "or fix RAG_DATABASE_URL."
     )
@@ -212,8 +217,14 @@ class Store:
                 n_docs = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(docs)).fetchone()[0]
                 n_chunks = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(chunks)).fetchone()[0]
                 out.append(
-                    {"name": name, "dim": dim, "embedding_model": model, "documents": n_docs,
-                     "chunks": n_chunks, "created_at": created.isoformat()}
+                    {
+                        "name": name,
+                        "dim": dim,
+                        "embedding_model": model,
+                        "documents": n_docs,
+                        "chunks": n_chunks,
+                        "created_at": created.isoformat(),
+                    }
                 )
             return out
 
@@ -243,7 +254,8 @@ class Store:
             if row is not None:
                 if int(row[0]) != dim:
                     raise DimensionMismatch(
-                        f"collection {collection!r} was built with {row[1]!r} ({row[0]}-dimension vectors) but "
+                        f"collection {collection!r} was built with {row[1]!r} "
+                        f"({row[0]}-dimension vectors) but "
                         f"the embedding model produces {dim}: use the same model, another --collection, or "
                         f"drop it first (`rag db drop-collection {collection}`)"
                     )
@@ -347,7 +359,8 @@ class Store:
             ids = [d.doc_id for d in documents]
             existing = dict(
                 conn.execute(
-                    sql.SQL("SELECT doc_id, content_hash FROM {} WHERE doc_id = ANY(%s)").format(docs_t), [ids]
+                    sql.SQL("SELECT doc_id, content_hash FROM {} WHERE doc_id = ANY(%s)").format(docs_t),
+                    [ids],
                 ).fetchall()
             )
             keep_docs = []
@@ -377,8 +390,9 @@ class Store:
                     )
                 ) as cp:
                     for d in keep_docs:
-                        cp.write_row((d.doc_id, d.source, d.content_hash, n_chunks.get(d.doc_id, 0),
-                                      Jsonb(d.metadata)))
+                        cp.write_row(
+                            (d.doc_id, d.source, d.content_hash, n_chunks.get(d.doc_id, 0), Jsonb(d.metadata))
+                        )
                 self._copy_chunks(cur, chunks_t, chunks, embeddings, wanted, stats)
         return stats
 
@@ -401,8 +415,18 @@ class Store:
             for c, e in zip(chunks, embeddings, strict=True):
                 if c.doc_id not in wanted:
                     continue
-                cp.write_row((c.id, c.doc_id, c.source, c.chunk_index, c.content, Jsonb(c.metadata),
-                              c.content_hash, np.asarray(e, dtype=np.float32)))
+                cp.write_row(
+                    (
+                        c.id,
+                        c.doc_id,
+                        c.source,
+                        c.chunk_index,
+                        c.content,
+                        Jsonb(c.metadata),
+                        c.content_hash,
+                        np.asarray(e, dtype=np.float32),
+                    )
+                )
                 stats.chunks_added += 1
 
     # -- search ----------------------------------------------------------------------------------
@@ -419,20 +443,33 @@ class Store:
         return _rows_to_dicts(rows)
 
 
-
 class AsyncStore:
     """Search-only async store for Serve replicas: one ``AsyncConnectionPool`` per replica."""
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, timeout_s: float = 5.0,
-                 ef_search_min: int = 40, ef_search_factor: float = 1.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        timeout_s: float = 5.0,
+        ef_search_min: int = 40,
+        ef_search_factor: float = 1.5,
+    ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.ef_search_min = ef_search_min
         self.ef_search_factor = ef_search_factor
         self._dims: dict[str, int] = {}
         self.pool = AsyncConnectionPool(
-            url, min_size=min_size, max_size=max_size, timeout=timeout_s, open=False,
-            configure=_configure_async, kwargs={"connect_timeout": max(1, int(timeout_s))}, name="rag-async",
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout_s,
+            open=False,
+            configure=_configure_async,
+            kwargs={"connect_timeout": max(1, int(timeout_s))},
+            name="rag-async",
         )
 
     async def open(self) -> None:
@@ -478,7 +515,8 @@ class AsyncStore:
         v = _check_vector(vector, await self.collection_dim(collection), collection)
         async with self.connection() as conn, conn.transaction():
             await conn.execute(
-                "SELECT set_config('hnsw.ef_search', %s, true)", [_ef_search(k, self.ef_search_min, self.ef_search_factor)]
+                "SELECT set_config('hnsw.ef_search', %s, true)",
+                [_ef_search(k, self.ef_search_min, self.ef_search_factor)],
             )
             cur = await conn.execute(_search_sql(collection), {"q": v, "k": k})
             rows = await cur.fetchall()

@@ -1,7 +1,8 @@
 """Shared fixtures: one embedded PostgreSQL, one embedder and one stand-in reranker per test session.
 
-Tests use real parts: the pgserver-embedded PostgreSQL 16 + pgvector (or the server in ``RAG_TEST_DATABASE_URL``),
-the packaged all-MiniLM-L6-v2, and the offline stand-in cross-encoder. Nothing is downloaded.
+Tests use real parts: the pgserver-embedded PostgreSQL 16 + pgvector (or the server in
+``RAG_TEST_DATABASE_URL``), the packaged all-MiniLM-L6-v2, and the offline stand-in cross-encoder.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -114,5 +115,7 @@ def pipeline(settings, embedder, store, reranker):
 @pytest.fixture(scope="session")
 def cranfield() -> Path:
     if not (CRANFIELD / "corpus.jsonl").exists():
-        pytest.skip(f"Cranfield dataset not found at {CRANFIELD} (../shared/ is only on developer machines and CI)")
+        pytest.skip(
+            f"Cranfield dataset not found at {CRANFIELD} (../shared/ is only on developer machines and CI)"
+        )
     return CRANFIELD

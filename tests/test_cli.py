@@ -14,15 +14,24 @@ import pytest
 
 
 def rag(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rag.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rag.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory, db_url):
     d = tmp_path_factory.mktemp("cli")
-    return {"RAG_DATA_DIR": str(d), "RAG_DATABASE_URL": db_url, "RAG_OFFLINE": "1",
-            "RAG_COLLECTION": "cli_" + d.name.replace("-", "_").lower()[:20]}
+    return {
+        "RAG_DATA_DIR": str(d),
+        "RAG_DATABASE_URL": db_url,
+        "RAG_OFFLINE": "1",
+        "RAG_COLLECTION": "cli_" + d.name.replace("-", "_").lower()[:20],
+    }
 
 
 def test_help_explains_every_command():
@@ -79,7 +88,11 @@ def test_bad_input_is_one_line_with_the_fix(cli_env, args, message):
 
 
 def test_database_down_names_url_without_password(cli_env):
-    env = {**cli_env, "RAG_DATABASE_URL": "postgresql://app:s3cret@127.0.0.1:1/rag", "RAG_CONNECT_TIMEOUT_S": "1"}
+    env = {
+        **cli_env,
+        "RAG_DATABASE_URL": "postgresql://app:s3cret@127.0.0.1:1/rag",
+        "RAG_CONNECT_TIMEOUT_S": "1",
+    }
     r = rag("query", "x", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "s3cret" not in r.stderr and "app:***@127.0.0.1:1" in r.stderr and "rag db start" in r.stderr

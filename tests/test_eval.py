@@ -43,9 +43,12 @@ def _tiny_beir(root):
         for i, (t, x) in docs.items():
             f.write(json.dumps({"_id": i, "title": t, "text": x}) + "\n")
     (root / "queries.jsonl").write_text(
-        json.dumps({"_id": "1", "text": "how does a wing produce lift"}) + "\n"
-        + json.dumps({"_id": "2", "text": "heat conduction in slabs"}) + "\n"
-        + json.dumps({"_id": "9", "text": "an unjudged query"}) + "\n"
+        json.dumps({"_id": "1", "text": "how does a wing produce lift"})
+        + "\n"
+        + json.dumps({"_id": "2", "text": "heat conduction in slabs"})
+        + "\n"
+        + json.dumps({"_id": "9", "text": "an unjudged query"})
+        + "\n"
     )
     (root / "qrels").mkdir()
     (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\t1\t2\n2\t2\t1\n2\t3\t1\n")

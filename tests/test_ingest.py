@@ -31,13 +31,15 @@ def test_folder_reads_text_files_and_skips_undecodable_ones(tmp_path, caplog):
 def test_jsonl_ids_sources_and_bad_lines(tmp_path):
     f = tmp_path / "docs.jsonl"
     f.write_text(
-        "\n".join([
-            json.dumps({"id": "x1", "source": "wiki", "content": "first"}),
-            json.dumps({"text": "second, no id"}),
-            "{not json",
-            json.dumps({"id": "x3"}),
-            json.dumps({"_id": "7", "title": "A title", "text": "body"}),
-        ])
+        "\n".join(
+            [
+                json.dumps({"id": "x1", "source": "wiki", "content": "first"}),
+                json.dumps({"text": "second, no id"}),
+                "{not json",
+                json.dumps({"id": "x3"}),
+                json.dumps({"_id": "7", "title": "A title", "text": "body"}),
+            ]
+        )
     )
     skipped: list[str] = []
     docs = list(iter_path(f, skipped))
@@ -81,7 +83,9 @@ def test_long_documents_become_several_chunks_of_one_document(embedder, store, c
     from rag.ingest import Document
 
     long = Document("long", " ".join(f"Sentence number {i} about gliders." for i in range(200)), "long.txt")
-    rep = ingest([long], embedder=embedder, store=store, collection=collection, chunk_tokens=64, chunk_overlap=8)
+    rep = ingest(
+        [long], embedder=embedder, store=store, collection=collection, chunk_tokens=64, chunk_overlap=8
+    )
     assert rep.documents_added == 1 and rep.chunks_added > 5
     hits = store.search(collection, embedder.embed_query("gliders"), 50)
     assert {h["doc_id"] for h in hits} == {"long"}

@@ -24,8 +24,9 @@ PAIRS = [
 
 
 def test_parity_with_plain_crossencoder_predict(settings, reranker):
-    ref = CrossEncoderReranker(settings.rerank_model, cache_dir=settings.model_cache, offline=True,
-                               dtype="float32", sort=False)
+    ref = CrossEncoderReranker(
+        settings.rerank_model, cache_dir=settings.model_cache, offline=True, dtype="float32", sort=False
+    )
     expected = ref.ce.predict(PAIRS, batch_size=32, show_progress_bar=False)
     got = ref.score(PAIRS)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -36,7 +37,9 @@ def test_parity_with_plain_crossencoder_predict(settings, reranker):
 
 def test_stand_in_says_so(settings, tmp_path):
     with pytest.warns(StandInWarning, match="STAND-IN"):
-        resolved = resolve_cross_encoder("cross-encoder/ms-marco-MiniLM-L-6-v2", cache_dir=tmp_path, offline=True)
+        resolved = resolve_cross_encoder(
+            "cross-encoder/ms-marco-MiniLM-L-6-v2", cache_dir=tmp_path, offline=True
+        )
     assert resolved.trained is False and resolved.source == "stand-in"
     # a local folder that is the stand-in is still reported as untrained
     again = resolve_cross_encoder(resolved.path, cache_dir=tmp_path, offline=True)
@@ -71,7 +74,7 @@ class _FakeCohere(BaseHTTPRequestHandler):
     calls: list[dict] = []
     fail_with: int | None = None
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         if self.fail_with:
@@ -80,8 +83,14 @@ class _FakeCohere(BaseHTTPRequestHandler):
         q = set(body["query"].lower().split())
         scores = [len(q & set(d.lower().split())) / (1 + len(q)) for d in body["documents"]]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.get("top_n") or len(scores)]
-        self._send(200, {"id": "fake-1", "results": [{"index": i, "relevance_score": scores[i]} for i in order],
-                         "meta": {"billed_units": {"search_units": 1}}})
+        self._send(
+            200,
+            {
+                "id": "fake-1",
+                "results": [{"index": i, "relevance_score": scores[i]} for i in order],
+                "meta": {"billed_units": {"search_units": 1}},
+            },
+        )
 
     def _send(self, status, obj):
         data = json.dumps(obj).encode()
@@ -115,7 +124,10 @@ def test_cohere_backend_speaks_v2_and_maps_scores_back(fake_cohere):
     assert len(handler.calls) == 2  # one call per distinct query
     call = handler.calls[0]
     assert call["path"] == "/v2/rerank" and call["auth"] == "Bearer test-key"
-    assert call["body"]["model"] == "rerank-v3.5" and call["body"]["documents"] == ["a green pear", "the red apple"]
+    assert call["body"]["model"] == "rerank-v3.5" and call["body"]["documents"] == [
+        "a green pear",
+        "the red apple",
+    ]
     assert rr.info()["backend"] == "cohere"
 
 
