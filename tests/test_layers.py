@@ -1,0 +1,42 @@
+"""Architecture guards from DESIGN.md: rag/ never imports ray; only settings.py reads the environment;
+SQL lives in store.py; no model loads at import time."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_imports_no_ray_and_loads_no_model():
+    code = (
+        "import sys, rag.cli, rag.pipeline, rag.ingest, rag.eval, rag.store, rag.rerank, rag.embed, rag.db\n"
+        "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "assert not bad, bad\n"
+        "assert 'sentence_transformers' not in sys.modules, 'model library imported at import time'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def test_only_settings_reads_the_environment():
+    offenders = []
+    for p in [*(ROOT / "rag").rglob("*.py"), *(ROOT / "deployments").rglob("*.py")]:
+        if p.name == "settings.py":
+            continue
+        if re.search(r"os\.environ\s*(\[|\.)|os\.getenv\(", p.read_text()):
+            offenders.append(str(p.relative_to(ROOT)))
+    assert not offenders, f"environment read outside rag/settings.py: {offenders}"
+
+
+def test_sql_lives_in_store():
+    pattern = re.compile(r"\b(SELECT|INSERT INTO|CREATE TABLE|DELETE FROM)\b[^\n]*\b(FROM|VALUES|\()")
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in [*(ROOT / "rag").rglob("*.py"), *(ROOT / "deployments").rglob("*.py")]
+        if p.name != "store.py" and pattern.search(p.read_text())
+    ]
+    assert not offenders, f"SQL outside rag/store.py: {offenders}"
