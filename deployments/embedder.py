@@ -1,0 +1,77 @@
+"""Embedder deployment: query embeddings, batched across concurrent requests with ``@serve.batch``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deployments import metrics
+from deployments._args import EmbedderArgs, EmbedderUserConfig
+from rag.errors import InvalidInput
+
+__all__ = ["Embedder"]
+
+log = logging.getLogger("ray.serve")
+
+_DEFAULTS = EmbedderUserConfig()
+
+
+@serve.deployment(name="Embedder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class Embedder:
+    """Wraps ``rag.embed.Embedder``; one forward pass per batch of queued queries."""
+
+    def __init__(self, args: EmbedderArgs) -> None:
+        from rag.embed import Embedder as CoreEmbedder
+
+        self.embedder = CoreEmbedder(
+            args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, offline=args.offline
+        )
+        self._info = self.embedder.info()
+        metrics.get("rag_model_info").set(
+            1,
+            tags={
+                "role": "embedder",
+                "model": str(self._info["model"]),
+                "backend": "sentence-transformers",
+                "device": str(self._info["device"]),
+                "dtype": str(self._info["dtype"]),
+                "trained": "true",
+            },
+        )
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        cfg = EmbedderUserConfig.model_validate(user_config or {})
+        self.embed_batch.set_max_batch_size(cfg.max_batch_size)
+        self.embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        log.info("embedder user_config: %s", cfg.model_dump())
+
+    async def embed(self, query: str) -> np.ndarray:
+        """The L2-normalised embedding of one query (float32)."""
+        _check(query)
+        return await self.embed_batch(query)
+
+    async def embed_many(self, texts: list[str]) -> list[np.ndarray]:
+        """Embeddings of several texts; each joins the same batch queue."""
+        for t in texts:
+            _check(t)
+        return list(await asyncio.gather(*(self.embed_batch(t) for t in texts)))
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def ready(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
+    async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
+        vecs = await asyncio.to_thread(self.embedder.embed_queries, texts)
+        return list(vecs)
+
+
+def _check(text: object) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput("query must be a non-empty string (got an empty or whitespace-only text)")

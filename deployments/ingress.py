@@ -1,0 +1,347 @@
+"""Ingress deployment: the HTTP API (FastAPI, OpenAPI at ``/docs``) over the Embedder, Retriever and Reranker.
+
+Routes: ``POST /search``, ``POST /search/stream`` (SSE), ``POST /v2/rerank`` (Cohere v2; ``/v1/rerank`` for
+Cohere v1 clients), ``POST /rerank`` (TEI), ``POST /embed`` (TEI), ``GET /healthz``, ``GET /readyz``.
+
+Errors: routes raise; ``ERROR_TABLE`` below is the one place that maps an exception type to an HTTP status.
+"""
+
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments import metrics
+from deployments._args import IngressArgs
+from deployments._schemas import (
+    CohereRerankRequest,
+    CohereRerankResponse,
+    CohereV1RerankRequest,
+    EmbedRequest,
+    ErrorBody,
+    SearchRequest,
+    SearchResponse,
+    TEIRank,
+    TEIRerankRequest,
+)
+from deployments._service import SearchService, logit
+from rag.errors import ConfigError, InvalidInput, ModelError, Overloaded, RagError, StoreUnavailable
+
+__all__ = ["ERROR_TABLE", "BodyTooLarge", "Ingress", "create_app", "error_response"]
+
+log = logging.getLogger("ray.serve")
+
+
+class BodyTooLarge(InvalidInput):
+    error_type = "body_too_large"
+
+
+# The one exception -> HTTP status table. First matching row wins (isinstance); the third column says whether
+# the response carries Retry-After. Every row is exercised by tests/test_serve_errors.py.
+ERROR_TABLE: tuple[tuple[type[BaseException], int | None, bool], ...] = (
+    (RequestValidationError, 422, False),  # wrong JSON types, missing fields, non-string documents
+    (InvalidInput, 422, False),  # bad values: empty query, k out of range, too many documents, big body,
+    #                              unknown collection (CollectionError), wrong dimension (DimensionMismatch)
+    (Overloaded, 503, True),  # queue full (Ray BackPressureError), stage timeout, no live replica
+    (StoreUnavailable, 503, True),  # database unreachable
+    (ModelError, 503, True),  # model failure, incl. RerankerError on /v2/rerank, /rerank, strict /search
+    (ConfigError, 500, False),  # the server is misconfigured (e.g. cohere backend without a key)
+    (StarletteHTTPException, None, False),  # unknown route (404), wrong method (405): their own status
+    (Exception, 500, False),  # anything else is a bug
+)
+
+_KNOWN_ROUTES = frozenset(
+    {
+        "/search",
+        "/search/stream",
+        "/v2/rerank",
+        "/v1/rerank",
+        "/rerank",
+        "/embed",
+        "/healthz",
+        "/readyz",
+        "/docs",
+        "/openapi.json",
+    }
+)
+_ERRORS = {
+    422: {"model": ErrorBody, "description": "Invalid request: the message says what to fix."},
+    503: {"model": ErrorBody, "description": "Overloaded or a dependency is down; see Retry-After."},
+    500: {"model": ErrorBody, "description": "A bug."},
+}
+
+
+def _lookup(exc: BaseException) -> tuple[int, bool]:
+    for cls, status, retry in ERROR_TABLE:
+        if isinstance(exc, cls):
+            return (status if status is not None else exc.status_code), retry  # type: ignore[attr-defined]
+    return 500, False
+
+
+def _error_type(exc: BaseException, status: int) -> str:
+    if isinstance(exc, RagError):
+        return exc.error_type
+    if isinstance(exc, RequestValidationError):
+        return "invalid_input"
+    if isinstance(exc, StarletteHTTPException):
+        return {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+    return "internal_error"
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
+            parts.append(f"{loc}: {e.get('msg')}")
+        return "invalid request: " + "; ".join(parts)
+    if isinstance(exc, StarletteHTTPException):
+        return str(exc.detail)
+    if isinstance(exc, RagError):
+        return str(exc)
+    return f"internal error ({type(exc).__name__}): this is a bug in the service, please report it"
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The JSON error response for ``exc`` according to ERROR_TABLE."""
+    status, retry = _lookup(exc)
+    if status >= 500 and not isinstance(exc, RagError):
+        log.error("unhandled error", exc_info=exc)
+    if not getattr(exc, "rag_stage", None) and status >= 500:
+        metrics.get("rag_errors_total").inc(tags={"stage": "ingress", "error_type": _error_type(exc, status)})
+    headers = None
+    if retry:
+        headers = {"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after_s", 1.0) or 1.0)))}
+    body = {"error": _message(exc), "error_type": _error_type(exc, status)}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _handle(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+class _Guard:
+    """ASGI middleware: bounds the request body (422 past ``max_body_bytes``) and counts requests."""
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in _KNOWN_ROUTES else "other"
+        status = {"code": 500}
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                limit = self.max_body_bytes
+                await error_response(
+                    BodyTooLarge(
+                        f"request body is larger than {limit} bytes: send fewer or shorter documents"
+                    )
+                )(scope, receive, counting_send)
+                return None
+            sent = False
+
+            async def replay() -> dict:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, counting_send)
+        finally:
+            metrics.get("rag_requests_total").inc(tags={"route": route, "status": str(status["code"])})
+
+    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
+        """The whole body, or None as soon as it is known to exceed the limit."""
+        for k, v in scope.get("headers", []):
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_body_bytes:
+                return None
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        return b"".join(chunks)
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+def create_app(service: SearchService) -> FastAPI:
+    """The FastAPI app over ``service`` (a SearchService with real or fake handles)."""
+    try:
+        from importlib.metadata import version
+
+        ver = version("rag-serve")
+    except Exception:
+        ver = "0"
+    app = FastAPI(
+        title="rag-serve",
+        version=ver,
+        description="Two-stage retrieval: pgvector candidates, cross-encoder rerank. Errors are "
+        '`{"error": ..., "error_type": ...}`; 503s carry `Retry-After`.',
+    )
+    for exc_type, _, _ in ERROR_TABLE:
+        app.add_exception_handler(exc_type, _handle)
+    app.add_middleware(_Guard, max_body_bytes=service.args.max_body_bytes)
+
+    @app.post("/search", response_model=SearchResponse, responses=_ERRORS)
+    async def search(req: SearchRequest) -> dict[str, Any]:
+        """Both stages: `fetch_k` dense candidates, reranked, best `top_k`; per-stage timings."""
+        p = service.search_params(
+            req.query, req.fetch_k, req.top_k, req.rerank, req.budget_ms, req.collection
+        )
+        return await service.search(p)
+
+    @app.post("/search/stream", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS})
+    async def search_stream(req: SearchRequest) -> StreamingResponse:
+        """Server-Sent Events: `dense` (stage-1 top_k) as soon as it is known, `reranked`, then `done`."""
+        p = service.search_params(
+            req.query, req.fetch_k, req.top_k, req.rerank, req.budget_ms, req.collection
+        )
+        s1 = await service.stage1(p)  # errors before the stream starts get their proper status
+
+        async def events() -> AsyncIterator[str]:
+            dense = [{**c, "score": c["dense_score"]} for c in s1.candidates[: p.top_k]]
+            yield _sse(
+                "dense",
+                {
+                    "results": dense,
+                    "candidates": len(s1.candidates),
+                    "timings_ms": {k: round(v, 3) for k, v in s1.timings.items()},
+                },
+            )
+            try:
+                s2 = await service.stage2(s1)
+            except Exception as e:  # strict_rerank: report in-band, the status line is already sent
+                resp = error_response(e)
+                yield _sse("error", json.loads(bytes(resp.body)))
+                return
+            out = service.search_response(s1, s2)
+            yield _sse("reranked", {"results": out["results"], "reranker": out["reranker"]})
+            yield _sse("done", {"timings_ms": out["timings_ms"], "candidates": out["candidates"]})
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/v2/rerank", response_model=CohereRerankResponse, responses=_ERRORS)
+    async def cohere_rerank_v2(req: CohereRerankRequest) -> dict[str, Any]:
+        """Cohere Rerank v2 (`cohere.ClientV2(base_url=...)`, LangChain's CohereRerank)."""
+        return await _cohere(req.query, req.documents, req.top_n, None)
+
+    @app.post("/v1/rerank", response_model=CohereRerankResponse, responses=_ERRORS)
+    async def cohere_rerank_v1(req: CohereV1RerankRequest) -> dict[str, Any]:
+        """Cohere Rerank v1 (`cohere.Client`, LlamaIndex's CohereRerank): documents may be `{"text": ...}`."""
+        texts = []
+        field = (req.rank_fields or ["text"])[0]
+        for i, d in enumerate(req.documents):
+            if isinstance(d, dict):
+                if not isinstance(d.get(field), str):
+                    raise InvalidInput(
+                        f"documents[{i}] must be a string or an object with a string {field!r}"
+                    )
+                d = d[field]
+            texts.append(d)
+        return await _cohere(req.query, texts, req.top_n, texts if req.return_documents else None)
+
+    async def _cohere(
+        query: str, documents: list[str], top_n: int | None, return_docs: list[str] | None
+    ) -> dict[str, Any]:
+        if top_n is not None and not 1 <= top_n <= service.args.max_documents:
+            raise InvalidInput(f"top_n must be between 1 and {service.args.max_documents}, got {top_n}")
+        scores = await service.rerank_scores(query, documents)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[: top_n or len(scores)]
+        results = []
+        for i in order:
+            r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if return_docs is not None:
+                r["document"] = {"text": return_docs[i]}
+            results.append(r)
+        info = await service.reranker_info()
+        meta: dict[str, Any] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
+        if info.get("trained") is False:
+            meta["warnings"] = [
+                f"reranker {info.get('model')} is the offline stand-in: scores are not meaningful"
+            ]
+        return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+
+    @app.post("/rerank", response_model=list[TEIRank], response_model_exclude_none=True, responses=_ERRORS)
+    async def tei_rerank(req: TEIRerankRequest) -> list[dict[str, Any]]:
+        """TEI rerank: `{query, texts}` -> `[{index, score}]`, best first."""
+        scores = await service.rerank_scores(req.query, req.texts)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        out = []
+        for i in order:
+            r: dict[str, Any] = {"index": i, "score": logit(scores[i]) if req.raw_scores else scores[i]}
+            if req.return_text:
+                r["text"] = req.texts[i]
+            out.append(r)
+        return out
+
+    @app.post("/embed", response_model=list[list[float]], responses=_ERRORS)
+    async def embed(req: EmbedRequest) -> list[list[float]]:
+        """TEI embed: `{inputs: str | [str]}` -> one L2-normalised vector per input."""
+        texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+        return await service.embed(texts)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The ingress process is alive (no dependency checked)."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz", responses={503: {"model": ErrorBody, "description": "Not ready; the reason says why."}}
+    )
+    async def readyz() -> JSONResponse:
+        """Models loaded and the database reachable; else 503 with the reason."""
+        ok, detail = await service.ready()
+        if ok:
+            return JSONResponse({"ready": True, **detail})
+        reasons = "; ".join(f"{k}: {v['reason']}" for k, v in detail.items() if not v["ready"])
+        return JSONResponse(
+            {"error": f"not ready: {reasons}", "error_type": "not_ready", **detail},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    return app
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress()
+class Ingress:
+    """Composes the other deployments through their DeploymentHandles."""
+
+    def __init__(self, embedder: Any, retriever: Any, reranker: Any, args: IngressArgs) -> None:
+        self.service = SearchService(embedder, retriever, reranker, args)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.service)

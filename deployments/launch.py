@@ -1,0 +1,191 @@
+"""Run the Serve app locally: ``serve(settings, config)`` is what ``rag serve`` calls.
+
+It starts a single-node Ray (no dashboard; metrics exported on ``settings.metrics_port``), the embedded
+PostgreSQL when ``RAG_DATABASE_URL`` is unset, deploys the app from a Serve config file exactly as
+``serve run CONFIG`` would (the file's deployment options, ``user_config`` and autoscaling included), prints
+where everything is, and keeps running until Ctrl-C, which shuts Serve and Ray down.
+
+Settings flow one way: the config's ``args:`` are the defaults; Settings fields that were set explicitly
+(RAG_* variables, CLI flags) override them; the database URL and an absolute ``data_dir`` are always added.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deployments._args import FROM_SETTINGS
+from rag.errors import ConfigError
+from rag.settings import Settings
+
+__all__ = [
+    "CPU_CONFIG",
+    "GPU_CONFIG",
+    "Running",
+    "apply_settings",
+    "default_config",
+    "deploy",
+    "serve",
+    "wait_running",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_CONFIG = REPO / "serve_config.yaml"
+CPU_CONFIG = REPO / "serve_config.cpu.yaml"
+
+
+def default_config() -> Path:
+    """serve_config.yaml with a CUDA GPU, else serve_config.cpu.yaml."""
+    import torch
+
+    return GPU_CONFIG if torch.cuda.is_available() else CPU_CONFIG
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Serve config {path} not found: pass --config FILE (see serve_config.cpu.yaml)")
+    with path.open(encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict) or not cfg.get("applications"):
+        raise ConfigError(f"{path} is not a Serve config: it needs an 'applications:' list")
+    return cfg
+
+
+def apply_settings(config: dict[str, Any], settings: Settings, database_url: str) -> dict[str, Any]:
+    """A copy of ``config``: app args + explicitly set Settings, the database URL and data_dir."""
+    cfg = copy.deepcopy(config)
+    explicit = {k: getattr(settings, k) for k in FROM_SETTINGS if k in settings.model_fields_set}
+    explicit.pop("cohere_api_key", None)  # never written into a config; replicas get it from the environment
+    for app in cfg["applications"]:
+        args = dict(app.get("args") or {})
+        args.update({k: (str(v) if isinstance(v, Path) else v) for k, v in explicit.items()})
+        args["database_url"] = database_url
+        args["data_dir"] = str(Path(settings.data_dir).expanduser().resolve())
+        if settings.offline:
+            args["offline"] = True
+            env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env["HF_HUB_OFFLINE"] = "1"
+        app["args"] = args
+    return cfg
+
+
+def deploy(
+    config: dict[str, Any],
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    wait: bool = True,
+    timeout_s: float = 900.0,
+) -> None:
+    """Deploy a Serve config (dict) on the connected Ray cluster, like ``serve run``; wait until RUNNING."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    http = schema.http_options.model_dump()
+    if host is not None:
+        http["host"] = host
+    if port is not None:
+        http["port"] = port
+    client = serve_start(http_options=http, proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+    if wait:
+        wait_running([a.name for a in schema.applications], timeout_s=timeout_s)
+
+
+def wait_running(app_names: list[str], *, timeout_s: float = 900.0, poll_s: float = 1.0) -> None:
+    """Block until every app is RUNNING; raise with Serve's message if one fails to deploy."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in app_names}
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        for n in app_names:
+            if states[n] == "DEPLOY_FAILED":
+                detail = [apps[n].message] + [
+                    f"{d}: {st.message}" for d, st in apps[n].deployments.items() if st.message
+                ]
+                raise RuntimeError(f"Serve app {n!r} failed to deploy: " + " | ".join(x for x in detail if x))
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve apps not RUNNING after {timeout_s:.0f}s: {states}")
+        time.sleep(poll_s)
+
+
+@dataclass
+class Running:
+    url: str
+    metrics_url: str
+    config: Path
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+
+
+def serve(settings: Settings, config: Path | None, *, blocking: bool = True) -> Running:
+    """Start Ray + the embedded database (if no URL) + the app from ``config``; block until Ctrl-C."""
+    import ray
+
+    from rag.db import database_url
+
+    config = Path(config) if config is not None else default_config()
+    cfg = apply_settings(load_config(config), settings, database_url(settings))
+    ray.init(
+        address="local",  # never attach to someone else's cluster
+        namespace="serve",
+        include_dashboard=False,
+        _metrics_export_port=settings.metrics_port,
+    )
+    running = Running(
+        url=f"http://{settings.serve_host}:{settings.serve_port}",
+        metrics_url=f"http://127.0.0.1:{settings.metrics_port}/metrics",
+        config=config,
+    )
+    try:
+        deploy(cfg, host=settings.serve_host, port=settings.serve_port)
+    except BaseException:
+        running.shutdown()
+        raise
+    _banner(running, settings)
+    if not blocking:
+        return running
+    if sys.platform != "win32":
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nshutting down Serve and Ray ...", flush=True)
+    finally:
+        running.shutdown()
+    return running
+
+
+def _banner(r: Running, settings: Settings) -> None:
+    print(
+        f"\nrag-serve is up ({r.config.name}, collection {settings.collection!r})\n"
+        f"  API       {r.url}   (OpenAPI: {r.url}/docs)\n"
+        f"  try       curl -s {r.url}/search -H 'content-type: application/json' "
+        '-d \'{"query": "how do I parse a date?", "top_k": 3}\'\n'
+        f"  ready     curl -s {r.url}/readyz\n"
+        f"  metrics   {r.metrics_url}  (Prometheus; ours are ray_rag_*, Serve's ray_serve_*)\n"
+        "  Ctrl-C stops everything.\n",
+        flush=True,
+    )

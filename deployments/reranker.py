@@ -1,0 +1,201 @@
+"""Reranker deployment: ``@serve.batch`` over the flattened (query, document) pairs of all queued requests.
+
+One batch = one ``reranker.score(pairs)`` call over every pair of every request in it (the cross-encoder packs
+them into forward passes by its token budget), run off the event loop; the scores are split back per request.
+
+Batch size is bounded twice, both from ``user_config``: ``max_batch_size`` requests and
+``max_pairs_per_batch`` pairs (the memory bound on a GPU fraction). Ray's ``batch_size_fn`` compares one
+number with ``max_batch_size``, so ``_batch_cost`` returns a cost that exceeds ``max_batch_size`` exactly
+when either bound would be exceeded. A request with more documents than the pair cap is split into several
+items first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from deployments import metrics
+from deployments._args import RerankerArgs, RerankerUserConfig
+from rag.errors import InvalidInput, RerankerError
+
+__all__ = ["Reranker"]
+
+log = logging.getLogger("ray.serve")
+
+_DEFAULTS = RerankerUserConfig()
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One queued unit of work: a query and (a chunk of) its documents."""
+
+    query: str
+    documents: tuple[str, ...]
+    request_cap: int
+    pair_cap: int
+    enqueued_at: float
+
+
+def _batch_cost(items: list[_Item]) -> int:
+    """> request_cap iff the batch holds more than request_cap items or more than pair_cap pairs."""
+    if not items:
+        return 0
+    request_cap, pair_cap = items[-1].request_cap, items[-1].pair_cap
+    pairs = sum(len(i.documents) for i in items)
+    return max(len(items), -(-pairs * request_cap // pair_cap))
+
+
+def validate_rerank_input(query: object, documents: object) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInput("query must be a non-empty string")
+    if not isinstance(documents, list | tuple):
+        raise InvalidInput(f"documents must be a list of strings, got {type(documents).__name__}")
+    for i, d in enumerate(documents):
+        if not isinstance(d, str):
+            raise InvalidInput(f"documents[{i}] must be a string, got {type(d).__name__}")
+
+
+@serve.deployment(name="Reranker", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
+class Reranker:
+    """Wraps a ``rag.rerank.Reranker`` (cross-encoder, Cohere or none)."""
+
+    def __init__(self, args: RerankerArgs) -> None:
+        self.args = args
+        self.reranker = args.build()
+        self._info = dict(self.reranker.info())
+        self._cfg = _DEFAULTS
+        self._lock = threading.Lock()  # one score() at a time, so last_timings belongs to our call
+        self._stats = self._empty_stats()
+        self._recent: deque[tuple[int, int]] = deque(maxlen=64)
+        metrics.get("rag_model_info").set(
+            1,
+            tags={
+                "role": "reranker",
+                "model": str(self._info.get("model")),
+                "backend": str(self._info.get("backend")),
+                "device": str(self._info.get("device")),
+                "dtype": str(self._info.get("dtype")),
+                "trained": str(self._info.get("trained")).lower(),
+            },
+        )
+
+    # -- config ------------------------------------------------------------------------------------
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        cfg = RerankerUserConfig.model_validate(user_config or {})
+        self.score_batch.set_max_batch_size(cfg.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._cfg = cfg
+        log.info("reranker user_config: %s", cfg.model_dump())
+
+    # -- API ---------------------------------------------------------------------------------------
+    async def rerank(self, query: str, documents: list[str]) -> list[float]:
+        """One score per document, in input order. Validated here, before joining a batch."""
+        validate_rerank_input(query, documents)
+        if not documents:
+            return []
+        if not self.reranker.enabled:
+            raise RerankerError("reranking is disabled (RAG_RERANKER=none)")
+        cfg, now = self._cfg, time.perf_counter()
+        step = cfg.max_pairs_per_batch
+        items = [
+            _Item(query, tuple(documents[i : i + step]), cfg.max_batch_size, step, now)
+            for i in range(0, len(documents), step)
+        ]
+        parts = await asyncio.gather(*(self.score_batch(it) for it in items))
+        return [s for part in parts for s in part]
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def ready(self) -> dict[str, Any]:
+        return {**self._info, "enabled": self.reranker.enabled}
+
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        """Batching stats of this replica (tests and debugging): batches, largest batch, recent sizes."""
+        out = {
+            **self._stats,
+            "recent_batches": [list(x) for x in self._recent],
+            "user_config": self._cfg.model_dump(),
+        }
+        if reset:
+            self._stats = self._empty_stats()
+            self._recent.clear()
+        return out
+
+    # -- batching ----------------------------------------------------------------------------------
+    @serve.batch(
+        max_batch_size=_DEFAULTS.max_batch_size,
+        batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s,
+        max_concurrent_batches=2,  # the next batch forms and tokenizes while one runs
+        batch_size_fn=_batch_cost,
+    )
+    async def score_batch(self, items: list[_Item]) -> list[list[float]]:
+        start = time.perf_counter()
+        for it in items:
+            metrics.get("rag_rerank_phase_latency_ms").observe(
+                (start - it.enqueued_at) * 1e3, tags={"phase": "queue"}
+            )
+        pairs = [(it.query, d) for it in items for d in it.documents]
+        cfg = self._cfg
+        if cfg.inject_delay_ms:
+            await asyncio.sleep(cfg.inject_delay_ms / 1e3)
+        if cfg.inject_failure:
+            raise RerankerError("injected reranker failure (user_config.inject_failure=true)")
+        scores, timings = await asyncio.to_thread(self._score, pairs)
+        self._record(len(items), len(pairs), timings, (time.perf_counter() - start) * 1e3)
+        out, i = [], 0
+        for it in items:
+            out.append(scores[i : i + len(it.documents)])
+            i += len(it.documents)
+        return out
+
+    def _score(self, pairs: list[tuple[str, str]]) -> tuple[list[float], dict[str, float]]:
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                scores = self.reranker.score(pairs)
+            except RerankerError:
+                raise
+            except Exception as e:
+                raise RerankerError(f"reranker failed: {type(e).__name__}: {e}") from e
+            timings = dict(getattr(self.reranker, "last_timings", None) or {})
+            timings.setdefault("inference_ms", (time.perf_counter() - t0) * 1e3)
+        if len(scores) != len(pairs):
+            raise RerankerError(f"reranker returned {len(scores)} scores for {len(pairs)} pairs")
+        return [float(s) for s in scores], timings
+
+    def _record(self, n_items: int, n_pairs: int, timings: dict[str, float], batch_ms: float) -> None:
+        metrics.get("rag_rerank_batch_pairs").observe(n_pairs)
+        metrics.get("rag_rerank_batch_requests").observe(n_items)
+        for phase in ("tokenize", "inference"):
+            if f"{phase}_ms" in timings:
+                metrics.get("rag_rerank_phase_latency_ms").observe(
+                    timings[f"{phase}_ms"], tags={"phase": phase}
+                )
+        st = self._stats
+        st["batches"] += 1
+        st["items"] += n_items
+        st["pairs"] += n_pairs
+        st["max_batch_requests"] = max(st["max_batch_requests"], n_items)
+        st["max_batch_pairs"] = max(st["max_batch_pairs"], n_pairs)
+        st["last_batch_ms"] = round(batch_ms, 2)
+        self._recent.append((n_items, n_pairs))
+
+    @staticmethod
+    def _empty_stats() -> dict[str, Any]:
+        return {
+            "batches": 0,
+            "items": 0,
+            "pairs": 0,
+            "max_batch_requests": 0,
+            "max_batch_pairs": 0,
+            "last_batch_ms": None,
+        }

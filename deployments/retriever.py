@@ -1,0 +1,100 @@
+"""Retriever deployment: pgvector search with one async psycopg pool per replica (``rag.store.AsyncStore``).
+
+The pool is opened at start-up. If the database is down then, the replica still starts (so ``/readyz`` can say
+why it is not ready) and every call retries opening a fresh pool, failing fast with ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deployments import metrics
+from deployments._args import RetrieverArgs
+from rag.errors import StoreUnavailable
+from rag.store import AsyncStore
+
+__all__ = ["Retriever"]
+
+log = logging.getLogger("ray.serve")
+
+_GAUGES = {
+    "rag_db_pool_size": "pool_size",
+    "rag_db_pool_available": "pool_available",
+    "rag_db_pool_max": "pool_max",
+    "rag_db_requests_waiting": "requests_waiting",
+}
+
+
+@serve.deployment(name="Retriever", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+class Retriever:
+    async def __init__(self, args: RetrieverArgs) -> None:
+        self.args = args
+        self._store: AsyncStore | None = None
+        self._lock = asyncio.Lock()
+        self._last_error: str | None = None
+        try:
+            await self._get_store()
+        except StoreUnavailable as e:
+            log.warning("database not reachable at start-up (will retry per request): %s", e)
+
+    async def _get_store(self) -> AsyncStore:
+        if self._store is not None:
+            return self._store
+        async with self._lock:
+            if self._store is None:
+                a = self.args
+                store = AsyncStore(
+                    a.database_url,
+                    min_size=a.pool_min_size,
+                    max_size=a.pool_max_size,
+                    timeout_s=a.connect_timeout_s,
+                    ef_search_min=a.ef_search_min,
+                )
+                try:
+                    await store.open()  # a pool that failed to open is closed for good: make a new one
+                except StoreUnavailable as e:
+                    self._last_error = str(e)
+                    raise
+                self._store, self._last_error = store, None
+                self._record_pool()
+        return self._store
+
+    async def search(self, collection: str, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The ``k`` nearest chunks of ``collection``, best first, each with ``dense_score``."""
+        store = await self._get_store()
+        try:
+            return await store.search(collection, vector, k)
+        finally:
+            self._record_pool()
+
+    async def ready(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        store = await self._get_store()
+        await store.ping()
+        self._record_pool()
+        return {
+            "database": "reachable",
+            "ping_ms": round((time.perf_counter() - t0) * 1e3, 2),
+            **store.stats(),
+        }
+
+    def pool_stats(self) -> dict[str, int]:
+        return self._store.stats() if self._store is not None else {}
+
+    def _record_pool(self) -> None:
+        if self._store is None:
+            return
+        stats = self._store.stats()
+        for metric, key in _GAUGES.items():
+            if key in stats:
+                metrics.get(metric).set(stats[key])
+
+    async def __del__(self) -> None:
+        if self._store is not None:
+            await self._store.close()
