@@ -18,6 +18,7 @@ __all__ = ["Embedder"]
 log = logging.getLogger("ray.serve")
 
 _DEFAULTS = EmbedderUserConfig()
+MAX_CONCURRENT_BATCHES = 1  # config rule: max_ongoing_requests >= max_batch_size * this
 
 
 @serve.deployment(name="Embedder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -66,7 +67,11 @@ class Embedder:
     def ready(self) -> dict[str, Any]:
         return dict(self._info)
 
-    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
+    @serve.batch(
+        max_batch_size=_DEFAULTS.max_batch_size,
+        batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s,
+        max_concurrent_batches=MAX_CONCURRENT_BATCHES,
+    )
     async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
         vecs = await asyncio.to_thread(self.embedder.embed_queries, texts)
         return list(vecs)

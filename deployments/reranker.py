@@ -31,6 +31,9 @@ __all__ = ["Reranker"]
 log = logging.getLogger("ray.serve")
 
 _DEFAULTS = RerankerUserConfig()
+# The next batch forms (and tokenizes) while one runs.
+# Config rule: max_ongoing_requests >= max_batch_size * MAX_CONCURRENT_BATCHES.
+MAX_CONCURRENT_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ class Reranker:
     @serve.batch(
         max_batch_size=_DEFAULTS.max_batch_size,
         batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s,
-        max_concurrent_batches=2,  # the next batch forms and tokenizes while one runs
+        max_concurrent_batches=MAX_CONCURRENT_BATCHES,
         batch_size_fn=_batch_cost,
     )
     async def score_batch(self, items: list[_Item]) -> list[list[float]]:

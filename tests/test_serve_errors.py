@@ -1,0 +1,396 @@
+"""The ingress without a cluster: its FastAPI app over fake DeploymentHandles.
+
+Covers every row of deployments.ingress.ERROR_TABLE (including the ones a healthy live app cannot show: database
+down, bugs, timeouts), the conversion of Ray's own failures (BackPressureError, RayTaskError, dead replicas),
+the latency budget, degradation and strict mode, and readiness. Fast: no Ray cluster, no models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments._args import IngressArgs
+from deployments._service import SearchService
+from deployments.ingress import ERROR_TABLE, create_app
+from rag.errors import ConfigError, ModelError, RerankerError, StoreUnavailable
+
+INFO = {"backend": "cross-encoder", "model": "m", "device": "cpu", "dtype": "float32", "trained": False}
+
+
+class FakeResponse:
+    """Awaitable like a DeploymentResponse, with cancel()."""
+
+    def __init__(self, coro: Any) -> None:
+        self.coro, self.cancelled = coro, False
+
+    def __await__(self):
+        return self.coro.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeMethod:
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.calls = fn, 0
+
+    def remote(self, *args: Any, **kw: Any) -> FakeResponse:
+        self.calls += 1
+        self.last = FakeResponse(self.fn(*args, **kw))
+        return self.last
+
+
+class FakeHandle:
+    def __init__(self, **methods: Any) -> None:
+        for name, fn in methods.items():
+            setattr(self, name, FakeMethod(fn))
+
+
+def candidates(k: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"c{i}",
+            "doc_id": f"d{i}",
+            "source": "s",
+            "chunk_index": 0,
+            "content": f"document {i}",
+            "metadata": {},
+            "dense_score": 1 - i / 100,
+        }
+        for i in range(k)
+    ]
+
+
+async def _embed(q: str) -> np.ndarray:
+    return np.ones(4, dtype=np.float32)
+
+
+async def _embed_many(texts: list[str]) -> list[np.ndarray]:
+    return [np.ones(4, dtype=np.float32) for _ in texts]
+
+
+async def _search(collection: str, vec: Any, k: int) -> list[dict]:
+    return candidates(k)
+
+
+async def _rerank(query: str, docs: list[str]) -> list[float]:
+    return [i / 100 for i in range(len(docs))]  # reverses the dense order
+
+
+async def _info() -> dict:
+    return dict(INFO)
+
+
+async def _ok() -> dict:
+    return {}
+
+
+def make(
+    embedder: dict | None = None, retriever: dict | None = None, reranker: dict | None = None, **args: Any
+) -> tuple[TestClient, SearchService]:
+    e = {"embed": _embed, "embed_many": _embed_many, "ready": _ok, **(embedder or {})}
+    r = {"search": _search, "ready": _ok, **(retriever or {})}
+    rr = {"rerank": _rerank, "info": _info, "ready": _ok, **(reranker or {})}
+    args = {
+        "fetch_k": 20,
+        "top_k": 5,
+        "max_documents": 10,
+        "max_body_bytes": 4096,
+        "max_query_chars": 100,
+        **args,
+    }
+    svc = SearchService(FakeHandle(**e), FakeHandle(**r), FakeHandle(**rr), IngressArgs(**args))
+    return TestClient(create_app(svc), raise_server_exceptions=False), svc
+
+
+def raising(exc: BaseException):
+    async def fn(*a: Any, **k: Any) -> Any:
+        raise exc
+
+    return fn
+
+
+def sleeping(s: float, then: Any = None):
+    async def fn(*a: Any, **k: Any) -> Any:
+        await asyncio.sleep(s)
+        return then(*a) if callable(then) else then
+
+    return fn
+
+
+def check_error(r, status: int, error_type: str, retry_after: bool = False) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "error_type"}, body
+    assert body["error_type"] == error_type and body["error"]
+    assert ("retry-after" in r.headers) is retry_after
+    return body
+
+
+# --------------------------------------------------------------------------------------------------
+# every row of the error table
+# --------------------------------------------------------------------------------------------------
+def test_table_rows_are_the_documented_ones():
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from rag.errors import InvalidInput, Overloaded
+
+    rows = [(cls, status, retry) for cls, status, retry in ERROR_TABLE]
+    assert rows == [
+        (RequestValidationError, 422, False),
+        (InvalidInput, 422, False),
+        (Overloaded, 503, True),
+        (StoreUnavailable, 503, True),
+        (ModelError, 503, True),
+        (ConfigError, 500, False),
+        (HTTPException, None, False),
+        (Exception, 500, False),
+    ]
+
+
+def test_row_request_validation_error_is_422():
+    c, _ = make()
+    body = check_error(
+        c.post("/v2/rerank", json={"query": "q", "documents": ["a", {"x": 1}]}), 422, "invalid_input"
+    )
+    assert "documents.1" in body["error"]
+    check_error(c.post("/search", json={"query": "q", "unknown_field": 1}), 422, "invalid_input")
+    check_error(
+        c.post("/search", content=b"{not json", headers={"content-type": "application/json"}),
+        422,
+        "invalid_input",
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/search", {"query": ""}, "non-empty"),
+        ("/search", {"query": "q", "top_k": 30}, "top_k=30 is larger than fetch_k=20"),
+        ("/search", {"query": "q", "fetch_k": 0}, "fetch_k"),
+        ("/search", {"query": "q" * 101}, "characters"),
+        ("/v2/rerank", {"query": "q", "documents": ["a"] * 11}, "at most 10"),
+        ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": 11}, "top_n"),
+        ("/rerank", {"query": "q", "texts": []}, "at least one"),
+        ("/embed", {"inputs": []}, "at least one"),
+    ],
+)
+def test_row_invalid_input_is_422(path, body, words):
+    c, _ = make()
+    assert words in check_error(c.post(path, json=body), 422, "invalid_input")["error"]
+
+
+def test_oversize_body_is_422_with_and_without_content_length():
+    c, _ = make()
+    check_error(c.post("/v2/rerank", json={"query": "q", "documents": ["x" * 5000]}), 422, "body_too_large")
+
+    def chunks():  # no content-length: counted while reading
+        yield b'{"query": "q", "documents": ["'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"]}'
+
+    r = c.post("/v2/rerank", content=chunks(), headers={"content-type": "application/json"})
+    check_error(r, 422, "body_too_large")
+
+
+def test_row_overloaded_backpressure_is_503_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    exc = BackPressureError(num_queued_requests=5, max_queued_requests=5, retry_after_s=2)
+    c, _ = make(reranker={"rerank": raising(exc)})
+    r = c.post("/v2/rerank", json={"query": "q", "documents": ["a"]})
+    body = check_error(r, 503, "overloaded", retry_after=True)
+    assert r.headers["retry-after"] == "2" and "queue is full" in body["error"]
+    # the embedder's queue full fails /search the same way (no dense order without stage 1)
+    c, _ = make(embedder={"embed": raising(exc)})
+    check_error(c.post("/search", json={"query": "q"}), 503, "overloaded", retry_after=True)
+
+
+def test_row_overloaded_timeout_is_503_and_cancels():
+    c, svc = make(retriever={"search": sleeping(5, lambda *a: [])}, retrieve_timeout_s=0.2)
+    body = check_error(c.post("/search", json={"query": "q"}), 503, "timeout", retry_after=True)
+    assert "within 0.2s" in body["error"]
+    assert svc.retriever.search.last.cancelled  # the request is cancelled, not left running
+
+
+def test_row_overloaded_dead_replica_is_503():
+    from ray.exceptions import RayActorError
+
+    c, _ = make(embedder={"embed": raising(RayActorError())})
+    check_error(c.post("/search", json={"query": "q"}), 503, "unavailable", retry_after=True)
+
+
+def test_row_store_unavailable_is_503_through_ray_task_error():
+    from ray.exceptions import RayTaskError
+
+    cause = StoreUnavailable("cannot reach PostgreSQL at postgresql://x:***@db/rag: connection refused")
+    wrapped = RayTaskError("search", "Traceback ...", cause).as_instanceof_cause()
+    c, _ = make(retriever={"search": raising(wrapped)})
+    body = check_error(c.post("/search", json={"query": "q"}), 503, "store_unavailable", retry_after=True)
+    assert body["error"] == str(cause)  # the replica's message, not Ray's traceback
+
+
+def test_row_model_error_is_503():
+    c, _ = make(reranker={"rerank": raising(RerankerError("forward pass failed: CUDA out of memory"))})
+    body = check_error(
+        c.post("/rerank", json={"query": "q", "texts": ["a"]}), 503, "reranker_error", retry_after=True
+    )
+    assert "out of memory" in body["error"]
+
+
+def test_row_config_error_is_500():
+    c, _ = make(reranker={"rerank": raising(ConfigError("the cohere reranker needs an API key"))})
+    check_error(c.post("/v2/rerank", json={"query": "q", "documents": ["a"]}), 500, "config_error")
+
+
+def test_row_http_exception_keeps_its_status():
+    c, _ = make()
+    check_error(c.get("/nope"), 404, "not_found")
+    check_error(c.get("/search"), 405, "method_not_allowed")
+
+
+def test_row_bug_is_500_without_internals():
+    c, _ = make(retriever={"search": raising(KeyError("secret internal detail"))})
+    body = check_error(c.post("/search", json={"query": "q"}), 500, "internal_error")
+    assert "secret" not in body["error"] and "bug" in body["error"]
+
+
+# --------------------------------------------------------------------------------------------------
+# degradation, strict mode, budget
+# --------------------------------------------------------------------------------------------------
+def test_reranker_failure_degrades_to_dense_order():
+    c, _ = make(reranker={"rerank": raising(RerankerError("boom"))})
+    body = c.post("/search", json={"query": "q"}).json()
+    assert body["reranker"]["reranked"] is False and body["reranker"]["reason"] == "reranker_error"
+    assert [h["id"] for h in body["results"]] == [f"c{i}" for i in range(5)]
+    assert "boom" in body["reranker"]["detail"]
+
+
+def test_reranker_bug_or_timeout_also_degrades():
+    c, _ = make(reranker={"rerank": raising(ZeroDivisionError())})
+    assert c.post("/search", json={"query": "q"}).json()["reranker"]["reason"] == "reranker_error"
+    c, _ = make(reranker={"rerank": sleeping(5)}, rerank_timeout_s=0.2)
+    body = c.post("/search", json={"query": "q"}).json()
+    assert body["reranker"]["reason"] == "reranker_error" and "timeout" in body["reranker"]["detail"].lower()
+
+
+def test_strict_rerank_fails_instead():
+    c, _ = make(reranker={"rerank": raising(RerankerError("boom"))}, strict_rerank=True)
+    check_error(c.post("/search", json={"query": "q"}), 503, "reranker_error", retry_after=True)
+
+
+def test_reranking_disabled_is_reported():
+    async def info():
+        return {"backend": "none", "model": None, "device": None, "dtype": None, "trained": None}
+
+    c, svc = make(reranker={"info": info})
+    body = c.post("/search", json={"query": "q"}).json()
+    assert body["reranker"]["reason"] == "disabled" and svc.reranker.rerank.calls == 0
+
+
+def test_budget_skips_rerank_when_the_estimate_does_not_fit():
+    c, svc = make(reranker={"rerank": sleeping(0.3, lambda q, docs: [0.0] * len(docs))})
+    body = c.post("/search", json={"query": "q", "budget_ms": 10_000}).json()
+    assert body["reranker"]["reranked"] is True  # no estimate yet: try, with the budget as timeout
+    assert svc.latency.estimate_ms(20) >= 250
+    body = c.post("/search", json={"query": "q", "budget_ms": 150}).json()
+    assert body["reranker"] == {
+        **INFO,
+        "reranked": False,
+        "reason": "budget",
+        "detail": body["reranker"]["detail"],
+    }
+    assert svc.reranker.rerank.calls == 1  # skipped without calling the reranker
+    assert [h["score"] for h in body["results"]] == [h["dense_score"] for h in body["results"]]
+
+
+def test_budget_bounds_the_wait_for_the_reranker():
+    c, _ = make(reranker={"rerank": sleeping(2, lambda q, docs: [0.0] * len(docs))})
+    body = c.post("/search", json={"query": "q", "budget_ms": 200}).json()
+    assert body["reranker"]["reason"] == "budget" and body["timings_ms"]["total"] < 1500
+
+
+def test_default_budget_comes_from_settings():
+    c, _ = make(budget_ms=0.001)
+    assert c.post("/search", json={"query": "q"}).json()["reranker"]["reason"] == "budget"
+
+
+# --------------------------------------------------------------------------------------------------
+# readiness, stream, shapes
+# --------------------------------------------------------------------------------------------------
+def test_readyz_503_until_every_part_answers():
+    state = {"loaded": False}
+
+    async def reranker_ready():
+        if not state["loaded"]:
+            await asyncio.sleep(10)  # a replica still loading its model does not answer
+        return dict(INFO)
+
+    c, _ = make(reranker={"ready": reranker_ready}, ready_timeout_s=0.2)
+    r = c.get("/readyz")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    body = r.json()
+    assert body["error_type"] == "not_ready" and "reranker" in body["error"]
+    assert body["embedder"]["ready"] and body["database"]["ready"] and not body["reranker"]["ready"]
+    state["loaded"] = True
+    r = c.get("/readyz")
+    assert r.status_code == 200 and r.json()["ready"] is True
+
+
+def test_readyz_names_the_unreachable_database():
+    c, _ = make(retriever={"ready": raising(StoreUnavailable("cannot reach PostgreSQL at db:5432"))})
+    r = c.get("/readyz")
+    assert r.status_code == 503 and "database: cannot reach PostgreSQL" in r.json()["error"]
+
+
+def test_healthz_needs_nothing():
+    c, _ = make(embedder={"ready": raising(RuntimeError())})
+    assert c.get("/healthz").json() == {"status": "ok"}
+
+
+def test_stream_events_in_order_and_strict_error_in_band():
+    c, _ = make()
+    text = c.post("/search/stream", json={"query": "q"}).text
+    events = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("event: ")]
+    assert events == ["dense", "reranked", "done"]
+    c, _ = make(reranker={"rerank": raising(RerankerError("boom"))}, strict_rerank=True)
+    text = c.post("/search/stream", json={"query": "q"}).text
+    assert [ln for ln in text.splitlines() if ln.startswith("event: ")] == ["event: dense", "event: error"]
+    # stage-1 errors come before the stream starts: a real status
+    c, _ = make(retriever={"search": raising(StoreUnavailable("down"))})
+    assert c.post("/search/stream", json={"query": "q"}).status_code == 503
+
+
+def test_cohere_and_tei_shapes():
+    c, _ = make()
+    body = c.post(
+        "/v2/rerank", json={"model": "rerank-v3.5", "query": "q", "documents": ["a", "b", "c"], "top_n": 5}
+    ).json()
+    assert [r["index"] for r in body["results"]] == [2, 1, 0]  # top_n above len(documents) is clamped
+    assert body["id"] and body["meta"]["api_version"]["version"] == "2"
+    v1 = c.post(
+        "/v1/rerank", json={"query": "q", "documents": [{"text": "a"}, "b"], "return_documents": True}
+    )
+    assert v1.json()["results"][0] == {"index": 1, "relevance_score": 0.01, "document": {"text": "b"}}
+    tei = c.post("/rerank", json={"query": "q", "texts": ["a", "b"], "return_text": True}).json()
+    assert tei == [{"index": 1, "score": 0.01, "text": "b"}, {"index": 0, "score": 0.0, "text": "a"}]
+
+
+def test_batch_cost_bounds_requests_and_pairs():
+    from deployments.reranker import _batch_cost, _Item
+
+    def items(*sizes: int) -> list:
+        return [_Item("q", ("d",) * n, request_cap=4, pair_cap=100, enqueued_at=0.0) for n in sizes]
+
+    assert _batch_cost(items(10)) == 1
+    assert _batch_cost(items(10, 10, 10, 10)) == 4  # 4 requests, 40 pairs: fits
+    assert _batch_cost(items(1, 1, 1, 1, 1)) == 5  # too many requests
+    assert _batch_cost(items(100)) == 4  # exactly the pair cap fits
+    assert _batch_cost(items(60, 41)) == 5  # 101 pairs: too many
