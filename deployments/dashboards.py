@@ -20,7 +20,7 @@ import yaml
 from deployments.alerts import ERROR_RATIO, P99_TARGET_MS, alert_rules
 from deployments.grafana import dashboard_model, query_variable, row, stat, table, timeseries
 from deployments.metrics import METRICS, RAY_SERVE_METRICS, exported_series
-from deployments.promql import APP, gauge, mean, quantile, rate, ratio_or_zero, series
+from deployments.promql import APP, RATE_INTERVAL, gauge, mean, quantile, rate, ratio_or_zero, series
 
 __all__ = ["ALERTS_PATH", "DASHBOARD_PATH", "DASHBOARD_UID", "dashboard", "main", "render"]
 
@@ -69,17 +69,34 @@ def _dist(name: str) -> list:
 def _overview() -> list[dict]:
     return [
         row("Overview"),
-        stat("Request rate", "HTTP requests per second answered by the Serve proxy (all routes).",
-             _rate(REQ), "reqps", steps=[(None, "green")]),
-        stat("Error ratio (5xx)", "Share of HTTP requests answered with a 5xx status.",
-             ratio_or_zero(_rate(REQ, S5XX), _rate(REQ)), "percentunit",
-             steps=[(None, "green"), (0.01, "orange"), (ERROR_RATIO, "red")]),
-        stat("/search p99", "99th percentile of /search latency inside the app (stage=total).",
-             _q(0.99, STAGE, TOTAL), "ms",
-             steps=[(None, "green"), (P99_TARGET_MS * 0.8, "orange"), (P99_TARGET_MS, "red")]),
-        stat("Ready replicas", "Healthy replicas over all deployments of the application.",
-             gauge("sum", "serve_deployment_replica_healthy", APP), "short",
-             steps=[(None, "red"), (1, "green")]),
+        stat(
+            "Request rate",
+            "HTTP requests per second answered by the Serve proxy (all routes).",
+            _rate(REQ),
+            "reqps",
+            steps=[(None, "green")],
+        ),
+        stat(
+            "Error ratio (5xx)",
+            "Share of HTTP requests answered with a 5xx status.",
+            ratio_or_zero(_rate(REQ, S5XX), _rate(REQ)),
+            "percentunit",
+            steps=[(None, "green"), (0.01, "orange"), (ERROR_RATIO, "red")],
+        ),
+        stat(
+            "/search p99",
+            "99th percentile of /search latency inside the app (stage=total).",
+            _q(0.99, STAGE, TOTAL),
+            "ms",
+            steps=[(None, "green"), (P99_TARGET_MS * 0.8, "orange"), (P99_TARGET_MS, "red")],
+        ),
+        stat(
+            "Ready replicas",
+            "Healthy replicas over all deployments of the application.",
+            gauge("sum", "serve_deployment_replica_healthy", APP),
+            "short",
+            steps=[(None, "red"), (1, "green")],
+        ),
     ]
 
 
@@ -87,15 +104,30 @@ def _traffic() -> list[dict]:
     app = "application"
     return [
         row("Traffic and errors"),
-        timeseries("Request rate by route and status", "Serve proxy: requests per second.",
-                   [(_rate(REQ, by="route, status_code"), "{{route}} {{status_code}}")], "reqps", w=8),
-        timeseries("Error rate", "Share of requests answered 5xx (server) and 4xx (client, e.g. 422).",
-                   [(ratio_or_zero(_rate(REQ, S5XX, by=app), _rate(REQ, by=app)), "5xx {{application}}"),
-                    (ratio_or_zero(_rate(REQ, S4XX, by=app), _rate(REQ, by=app)), "4xx {{application}}")],
-                   "percentunit", w=8),
-        timeseries("Errors by stage and type", "rag_errors_total: which stage raised which rag.errors type.",
-                   [(_rate("rag_errors_total", by="stage, error_type"), "{{stage}} {{error_type}}")],
-                   "ops", w=8),
+        timeseries(
+            "Request rate by route and status",
+            "Serve proxy: requests per second.",
+            [(_rate(REQ, by="route, status_code"), "{{route}} {{status_code}}")],
+            "reqps",
+            w=8,
+        ),
+        timeseries(
+            "Error rate",
+            "Share of requests answered 5xx (server) and 4xx (client, e.g. 422).",
+            [
+                (ratio_or_zero(_rate(REQ, S5XX, by=app), _rate(REQ, by=app)), "5xx {{application}}"),
+                (ratio_or_zero(_rate(REQ, S4XX, by=app), _rate(REQ, by=app)), "4xx {{application}}"),
+            ],
+            "percentunit",
+            w=8,
+        ),
+        timeseries(
+            "Errors by stage and type",
+            "rag_errors_total: which stage raised which rag.errors type.",
+            [(_rate("rag_errors_total", by="stage, error_type"), "{{stage}} {{error_type}}")],
+            "ops",
+            w=8,
+        ),
     ]
 
 
@@ -104,18 +136,40 @@ def _latency() -> list[dict]:
     e2e = [*_pcts(STAGE, TOTAL, prefix="app "), proxy_p99]
     return [
         row("Latency"),
-        timeseries("End-to-end latency (/search)",
-                   "p50/p95/p99 of /search inside the app (stage=total), and p99 at the Serve proxy.",
-                   e2e, "ms"),
-        timeseries("Mean latency by stage", "Mean time per stage: rate of _sum / rate of _count.",
-                   [(_mean(STAGE, by="stage"), "{{stage}}")], "ms"),
-        *[timeseries(f"{s.capitalize()} latency", f"p50/p95/p99 of the {s} stage, timed by the ingress.",
-                     _pcts(STAGE, f'stage="{s}"'), "ms", w=8) for s in ("embed", "retrieve", "rerank")],
-        timeseries("Reranker phases (p95)", "Inside the Reranker: queue wait, tokenize, forward passes.",
-                   [(_q(0.95, "rag_rerank_phase_latency_ms", by="phase"), "{{phase}}")], "ms"),
-        timeseries("Replica processing latency (p95)", "Serve built-in: time in each deployment's handler.",
-                   [(_q(0.95, "serve_deployment_processing_latency_ms", by="deployment"), "{{deployment}}")],
-                   "ms"),
+        timeseries(
+            "End-to-end latency (/search)",
+            "p50/p95/p99 of /search inside the app (stage=total), and p99 at the Serve proxy.",
+            e2e,
+            "ms",
+        ),
+        timeseries(
+            "Mean latency by stage",
+            "Mean time per stage: rate of _sum / rate of _count.",
+            [(_mean(STAGE, by="stage"), "{{stage}}")],
+            "ms",
+        ),
+        *[
+            timeseries(
+                f"{s.capitalize()} latency",
+                f"p50/p95/p99 of the {s} stage, timed by the ingress.",
+                _pcts(STAGE, f'stage="{s}"'),
+                "ms",
+                w=8,
+            )
+            for s in ("embed", "retrieve", "rerank")
+        ],
+        timeseries(
+            "Reranker phases (p95)",
+            "Inside the Reranker: queue wait, tokenize, forward passes.",
+            [(_q(0.95, "rag_rerank_phase_latency_ms", by="phase"), "{{phase}}")],
+            "ms",
+        ),
+        timeseries(
+            "Replica processing latency (p95)",
+            "Serve built-in: time in each deployment's handler.",
+            [(_q(0.95, "serve_deployment_processing_latency_ms", by="deployment"), "{{deployment}}")],
+            "ms",
+        ),
     ]
 
 
@@ -125,21 +179,46 @@ def _batching() -> list[dict]:
     skipped = f"{_rate('rag_rerank_skipped_total', by='reason')} / ignoring (reason) group_left {searches}"
     return [
         row("Rerank batching"),
-        timeseries("Rerank batch size (pairs)", "(query, document) pairs scored per Reranker batch.",
-                   _dist("rag_rerank_batch_pairs"), "short", w=8),
-        timeseries("Rerank batch size (requests)",
-                   "Requests (items) merged per Reranker batch, and Serve's ray_serve_actual_batch_size: "
-                   "the batch_size_fn cost, which reaches max_batch_size when either cap binds.",
-                   [*_dist("rag_rerank_batch_requests"),
-                    (_mean("serve_actual_batch_size", RERANKER), "serve batch cost (batch_size_fn) mean")],
-                   "short", w=8),
-        timeseries("Batch utilisation", "Serve built-in: batch size / max_batch_size, per deployment.",
-                   [(_mean(util, by="deployment"), "{{deployment}} mean"),
-                    (_q(0.95, util, by="deployment"), "{{deployment}} p95")], "percent", w=8),
-        timeseries("Candidates per request", "Stage-1 candidates handed to the reranker per /search.",
-                   _dist("rag_candidates_per_request"), "short"),
-        timeseries("Reranks skipped", "Searches answered in dense order, by reason, as a share of searches.",
-                   [(skipped, "{{reason}}")], "percentunit"),
+        timeseries(
+            "Rerank batch size (pairs)",
+            "(query, document) pairs scored per Reranker batch.",
+            _dist("rag_rerank_batch_pairs"),
+            "short",
+            w=8,
+        ),
+        timeseries(
+            "Rerank batch size (requests)",
+            "Requests (items) merged per Reranker batch, and Serve's ray_serve_actual_batch_size: "
+            "the batch_size_fn cost, which reaches max_batch_size when either cap binds.",
+            [
+                *_dist("rag_rerank_batch_requests"),
+                (_mean("serve_actual_batch_size", RERANKER), "serve batch cost (batch_size_fn) mean"),
+            ],
+            "short",
+            w=8,
+        ),
+        timeseries(
+            "Batch utilisation",
+            "Serve built-in: batch size / max_batch_size, per deployment.",
+            [
+                (_mean(util, by="deployment"), "{{deployment}} mean"),
+                (_q(0.95, util, by="deployment"), "{{deployment}} p95"),
+            ],
+            "percent",
+            w=8,
+        ),
+        timeseries(
+            "Candidates per request",
+            "Stage-1 candidates handed to the reranker per /search.",
+            _dist("rag_candidates_per_request"),
+            "short",
+        ),
+        timeseries(
+            "Reranks skipped",
+            "Searches answered in dense order, by reason, as a share of searches.",
+            [(skipped, "{{reason}}")],
+            "percentunit",
+        ),
     ]
 
 
@@ -147,24 +226,43 @@ def _replicas() -> list[dict]:
     dep = "deployment"
     ready = _gauge("sum", "serve_deployment_replica_healthy", dep)
     ongoing = _gauge("sum", "serve_num_ongoing_requests_at_replicas", dep)
+    # Serve sets this gauge only while a batch forms, and Ray drops idle gauges after ~20 s: show the peak
+    # over the interval, which also reads as "no queue" rather than "no data" after a quiet spell.
+    peak = f"max_over_time({series('serve_batch_queue_length')}{{{APP}}}[{RATE_INTERVAL}])"
+    batch_queue = f"sum by ({dep}) ({peak})"
     return [
         row("Queues and replicas"),
-        timeseries("Queued requests", "Waiting in handles for a replica, and in @serve.batch queues.",
-                   [(_gauge("sum", "serve_deployment_queued_queries", dep), "{{deployment}} router queue"),
-                    (_gauge("sum", "serve_batch_queue_length", dep), "{{deployment}} batch queue")],
-                   "short", w=8),
-        timeseries("Ongoing requests per replica vs target",
-                   "In-flight requests per ready replica, and the autoscaling target_ongoing_requests.",
-                   [(f"{ongoing} / {ready}", "{{deployment}} ongoing/replica"),
-                    (_gauge("max", "serve_autoscaling_target_ongoing_requests", dep),
-                     "{{deployment}} target")],
-                   "short", w=8),
-        timeseries("Replicas vs autoscaling target",
-                   "Ready replicas per deployment, the controller's target and the policy's raw decision.",
-                   [(ready, "{{deployment}} ready"),
-                    (_gauge("max", "serve_autoscaling_target_replicas", dep), "{{deployment}} target"),
-                    (_gauge("max", "serve_autoscaling_desired_replicas", dep), "{{deployment}} desired")],
-                   "short", w=8),
+        timeseries(
+            "Queued requests",
+            "Router queues; peak waiting in @serve.batch queues.",
+            [
+                (_gauge("sum", "serve_deployment_queued_queries", dep), "{{deployment}} router queue"),
+                (batch_queue, "{{deployment}} batch queue (peak)"),
+            ],
+            "short",
+            w=8,
+        ),
+        timeseries(
+            "Ongoing requests per replica vs target",
+            "In-flight requests per ready replica, and the autoscaling target_ongoing_requests.",
+            [
+                (f"{ongoing} / {ready}", "{{deployment}} ongoing/replica"),
+                (_gauge("max", "serve_autoscaling_target_ongoing_requests", dep), "{{deployment}} target"),
+            ],
+            "short",
+            w=8,
+        ),
+        timeseries(
+            "Replicas vs autoscaling target",
+            "Ready replicas per deployment, the controller's target and the policy's raw decision.",
+            [
+                (ready, "{{deployment}} ready"),
+                (_gauge("max", "serve_autoscaling_target_replicas", dep), "{{deployment}} target"),
+                (_gauge("max", "serve_autoscaling_desired_replicas", dep), "{{deployment}} desired"),
+            ],
+            "short",
+            w=8,
+        ),
     ]
 
 
@@ -173,16 +271,32 @@ def _pool_and_models() -> list[dict]:
     in_use = f"({_gauge('sum', 'rag_db_pool_size', rep)} - {_gauge('sum', 'rag_db_pool_available', rep)})"
     return [
         row("Database pool and models"),
-        timeseries("DB pool saturation", "Connections in use / pool max, per Retriever replica.",
-                   [(f"{in_use} / {_gauge('sum', 'rag_db_pool_max', rep)}", "{{replica}}")],
-                   "percentunit", w=8),
-        timeseries("DB pool connections", "In use, idle and maximum connections; requests waiting for one.",
-                   [(in_use, "{{replica}} in use"),
-                    (_gauge("sum", "rag_db_pool_available", rep), "{{replica}} idle"),
-                    (_gauge("sum", "rag_db_pool_max", rep), "{{replica}} max"),
-                    (_gauge("sum", "rag_db_requests_waiting", rep), "{{replica}} waiting")], "short", w=8),
-        table("Loaded models", "rag_model_info: one row per loaded model configuration.",
-              _gauge("max", "rag_model_info", "role, model, backend, device, dtype, trained"), w=8, h=8),
+        timeseries(
+            "DB pool saturation",
+            "Connections in use / pool max, per Retriever replica.",
+            [(f"{in_use} / {_gauge('sum', 'rag_db_pool_max', rep)}", "{{replica}}")],
+            "percentunit",
+            w=8,
+        ),
+        timeseries(
+            "DB pool connections",
+            "In use, idle and maximum connections; requests waiting for one.",
+            [
+                (in_use, "{{replica}} in use"),
+                (_gauge("sum", "rag_db_pool_available", rep), "{{replica}} idle"),
+                (_gauge("sum", "rag_db_pool_max", rep), "{{replica}} max"),
+                (_gauge("sum", "rag_db_requests_waiting", rep), "{{replica}} waiting"),
+            ],
+            "short",
+            w=8,
+        ),
+        table(
+            "Loaded models",
+            "rag_model_info: one row per loaded model configuration.",
+            _gauge("max", "rag_model_info", "role, model, backend, device, dtype, trained"),
+            w=8,
+            h=8,
+        ),
     ]
 
 
@@ -193,7 +307,7 @@ def dashboard() -> dict:
         uid=DASHBOARD_UID,
         title="RAG retrieval service",
         description="Two-stage retrieval on Ray Serve: traffic, per-stage latency, rerank batching, queues, "
-                    "replicas, database pool. Generated by deployments/dashboards.py: edit that, not this.",
+        "replicas, database pool. Generated by deployments/dashboards.py: edit that, not this.",
         tags=["rag", "ray-serve"],
         panels=[*_overview(), *_traffic(), *_latency(), *_batching(), *_replicas(), *_pool_and_models()],
         variables=[query_variable("application", "Application", apps)],
@@ -225,8 +339,21 @@ def metrics_tables() -> str:
     builtin = ["| Series | Type | Labels | Meaning |", "|---|---|---|---|"]
     for name, (kind, desc, tags) in RAY_SERVE_METRICS.items():
         builtin.append(f"| {_series_cell(name)} | {kind} | {_fmt(tags)} | {_md(desc)} |")
-    return "\n".join([DOC_BEGIN, "", "Ours (`METRICS` in `deployments/metrics.py`):", "", *ours, "",
-                      "Ray Serve built-ins we reuse (`RAY_SERVE_METRICS`):", "", *builtin, "", DOC_END])
+    return "\n".join(
+        [
+            DOC_BEGIN,
+            "",
+            "Ours (`METRICS` in `deployments/metrics.py`):",
+            "",
+            *ours,
+            "",
+            "Ray Serve built-ins we reuse (`RAY_SERVE_METRICS`):",
+            "",
+            *builtin,
+            "",
+            DOC_END,
+        ]
+    )
 
 
 def _doc_with_tables() -> str:
@@ -240,9 +367,11 @@ def _doc_with_tables() -> str:
 
 def render() -> dict[Path, str]:
     """Path -> content of every generated file (the doc: with its metric tables regenerated)."""
-    header = ("# Prometheus alerting rules for the RAG service. GENERATED by deployments/alerts.py:\n"
-              "# edit that, then run `.venv/bin/python -m deployments.dashboards`.\n"
-              "# Check: promtool check rules monitoring/alerts.yaml\n")
+    header = (
+        "# Prometheus alerting rules for the RAG service. GENERATED by deployments/alerts.py:\n"
+        "# edit that, then run `.venv/bin/python -m deployments.dashboards`.\n"
+        "# Check: promtool check rules monitoring/alerts.yaml\n"
+    )
     return {
         DASHBOARD_PATH: json.dumps(dashboard(), indent=2) + "\n",
         ALERTS_PATH: header + yaml.safe_dump(alert_rules(), sort_keys=False, width=100),

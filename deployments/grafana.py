@@ -31,8 +31,13 @@ Query = tuple[str, str]  # (PromQL, legend format)
 
 def _target(expr: str, legend: str, ref: str, *, instant: bool = False, table: bool = False) -> dict:
     t: dict[str, Any] = {
-        "datasource": DS, "editorMode": "code", "expr": expr, "legendFormat": legend or "__auto",
-        "range": not instant, "instant": instant, "refId": ref,
+        "datasource": DS,
+        "editorMode": "code",
+        "expr": expr,
+        "legendFormat": legend or "__auto",
+        "range": not instant,
+        "instant": instant,
+        "refId": ref,
     }
     if table:
         t["format"] = "table"
@@ -44,17 +49,34 @@ def targets(*queries: Query) -> list[dict]:
     return [_target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(queries)]
 
 
-def timeseries(title: str, desc: str, queries: list[Query], unit: str = "short", *, w: int = 12,
-               h: int = 8) -> dict:
-    custom = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "showPoints": "never",
-              "spanNulls": False, "stacking": {"mode": "none", "group": "A"}}
-    legend = {"displayMode": "table", "placement": "bottom", "showLegend": True,
-              "calcs": ["mean", "max", "lastNotNull"]}
+def timeseries(
+    title: str, desc: str, queries: list[Query], unit: str = "short", *, w: int = 12, h: int = 8
+) -> dict:
+    custom = {
+        "drawStyle": "line",
+        "lineWidth": 1,
+        "fillOpacity": 10,
+        "showPoints": "never",
+        "spanNulls": False,
+        "stacking": {"mode": "none", "group": "A"},
+    }
+    legend = {
+        "displayMode": "table",
+        "placement": "bottom",
+        "showLegend": True,
+        "calcs": ["mean", "max", "lastNotNull"],
+    }
     return {
-        "type": "timeseries", "title": title, "description": desc, "datasource": DS,
-        "gridPos": {"h": h, "w": w}, "targets": targets(*queries),
-        "fieldConfig": {"defaults": {"unit": unit, "min": 0, "custom": custom,
-                                     "color": {"mode": "palette-classic"}}, "overrides": []},
+        "type": "timeseries",
+        "title": title,
+        "description": desc,
+        "datasource": DS,
+        "gridPos": {"h": h, "w": w},
+        "targets": targets(*queries),
+        "fieldConfig": {
+            "defaults": {"unit": unit, "min": 0, "custom": custom, "color": {"mode": "palette-classic"}},
+            "overrides": [],
+        },
         "options": {"legend": legend, "tooltip": {"mode": "multi", "sort": "desc"}},
     }
 
@@ -62,22 +84,39 @@ def timeseries(title: str, desc: str, queries: list[Query], unit: str = "short",
 def stat(title: str, desc: str, expr: str, unit: str, *, steps: list[tuple[float | None, str]]) -> dict:
     """A single-value panel; ``steps``: (threshold, colour) from the lowest (None) up."""
     return {
-        "type": "stat", "title": title, "description": desc, "datasource": DS, "gridPos": {"h": 4, "w": 6},
+        "type": "stat",
+        "title": title,
+        "description": desc,
+        "datasource": DS,
+        "gridPos": {"h": 4, "w": 6},
         "targets": targets((expr, "")),
-        "fieldConfig": {"defaults": {
-            "unit": unit, "color": {"mode": "thresholds"},
-            "thresholds": {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]},
-        }, "overrides": []},
-        "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                    "colorMode": "value", "graphMode": "area", "justifyMode": "auto", "textMode": "auto",
-                    "orientation": "auto"},
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "color": {"mode": "thresholds"},
+                "thresholds": {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]},
+            },
+            "overrides": [],
+        },
+        "options": {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+            "justifyMode": "auto",
+            "textMode": "auto",
+            "orientation": "auto",
+        },
     }
 
 
 def table(title: str, desc: str, expr: str, *, w: int = 24, h: int = 6) -> dict:
     """An instant query shown as a table of label values (e.g. an info gauge)."""
     return {
-        "type": "table", "title": title, "description": desc, "datasource": DS, "gridPos": {"h": h, "w": w},
+        "type": "table",
+        "title": title,
+        "description": desc,
+        "datasource": DS,
+        "gridPos": {"h": h, "w": w},
         "targets": [_target(expr, "", "A", instant=True, table=True)],
         "fieldConfig": {"defaults": {}, "overrides": []},
         "options": {"showHeader": True, "cellHeight": "sm"},
@@ -108,20 +147,53 @@ def layout(panels: list[dict]) -> list[dict]:
 
 def query_variable(name: str, label: str, query: str) -> dict:
     """A multi-select variable from ``label_values(...)`` with an All option (regex ``.*``)."""
-    return {"name": name, "label": label, "type": "query", "datasource": DS, "definition": query,
-            "query": query, "current": {}, "hide": 0, "includeAll": True, "allValue": ".*", "multi": True,
-            "options": [], "refresh": 2, "regex": "", "skipUrlSync": False, "sort": 1}
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DS,
+        "definition": query,
+        "query": query,
+        "current": {},
+        "hide": 0,
+        "includeAll": True,
+        "allValue": ".*",
+        "multi": True,
+        "options": [],
+        "refresh": 2,
+        "regex": "",
+        "skipUrlSync": False,
+        "sort": 1,
+    }
 
 
-def dashboard_model(*, uid: str, title: str, description: str, tags: list[str], panels: list[dict],
-                    variables: list[dict]) -> dict:
+def dashboard_model(
+    *, uid: str, title: str, description: str, tags: list[str], panels: list[dict], variables: list[dict]
+) -> dict:
     """A complete dashboard: a ``datasource`` variable first, then ``variables``; panels laid out."""
-    datasource = {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-                  "current": {}, "hide": 0, "includeAll": False, "multi": False, "options": [], "refresh": 1,
-                  "regex": "", "skipUrlSync": False}
-    annotation = {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True,
-                  "hide": True, "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts",
-                  "type": "dashboard"}
+    datasource = {
+        "name": "datasource",
+        "label": "Data source",
+        "type": "datasource",
+        "query": "prometheus",
+        "current": {},
+        "hide": 0,
+        "includeAll": False,
+        "multi": False,
+        "options": [],
+        "refresh": 1,
+        "regex": "",
+        "skipUrlSync": False,
+    }
+    annotation = {
+        "builtIn": 1,
+        "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+        "enable": True,
+        "hide": True,
+        "iconColor": "rgba(0, 211, 255, 1)",
+        "name": "Annotations & Alerts",
+        "type": "dashboard",
+    }
     return {
         "annotations": {"list": [annotation]},
         "description": description,

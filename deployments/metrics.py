@@ -10,23 +10,28 @@ Metric objects are created lazily, inside replicas (never at import time), and c
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "BATCH_PAIRS_BUCKETS",
     "BATCH_REQUESTS_BUCKETS",
     "CANDIDATES_BUCKETS",
+    "GAUGE_REFRESH_S",
     "LATENCY_MS_BUCKETS",
     "METRICS",
     "RAY_SERVE_METRICS",
+    "HeldGauge",
     "exported_series",
     "get",
 ]
 
 # Resolves a 1-5 ms embed as well as a multi-second CPU rerank.
 LATENCY_MS_BUCKETS = [1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750,
-                      1000, 1500, 2000, 3000, 5000, 10000, 30000]
+                      1000, 1500, 2000, 3000, 5000, 10000, 30000]  # fmt: skip
 BATCH_PAIRS_BUCKETS = [1, 10, 50, 100, 200, 400, 800, 1600, 3200, 6400]
 BATCH_REQUESTS_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 # Ray rejects a 0 boundary (it must be positive): le=0.5 is the bucket of requests with no candidates.
@@ -85,7 +90,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         None,
     ),
     "rag_db_pool_size": (
-        "gauge", "Connections in the Retriever replica's pool (psycopg_pool pool_size).", (), None,
+        "gauge",
+        "Connections in the Retriever replica's pool (psycopg_pool pool_size).",
+        (),
+        None,
     ),
     "rag_db_pool_available": ("gauge", "Idle connections in the pool (pool_available).", (), None),
     "rag_db_pool_max": ("gauge", "Maximum connections of the pool (pool_max).", (), None),
@@ -110,35 +118,55 @@ _HANDLE = ("application", "deployment", "handle", "actor_id")
 RAY_SERVE_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "serve_num_http_requests": ("counter", "HTTP requests answered by the Serve proxy.", _HTTP),
     "serve_http_request_latency_ms": (
-        "histogram", "End-to-end HTTP latency measured at the Serve proxy (ms).", _HTTP,
+        "histogram",
+        "End-to-end HTTP latency measured at the Serve proxy (ms).",
+        _HTTP,
     ),
     "serve_deployment_processing_latency_ms": (
-        "histogram", "Time a replica spent in the deployment's handler (ms).", (*_REPLICA, "route"),
+        "histogram",
+        "Time a replica spent in the deployment's handler (ms).",
+        (*_REPLICA, "route"),
     ),
     "serve_deployment_queued_queries": (
-        "gauge", "Requests waiting in a handle for a replica (router queue).", _HANDLE,
+        "gauge",
+        "Requests waiting in a handle for a replica (router queue).",
+        _HANDLE,
     ),
     "serve_num_ongoing_requests_at_replicas": (
-        "gauge", "Requests a handle has sent to replicas and not yet seen finish.", _HANDLE,
+        "gauge",
+        "Requests a handle has sent to replicas and not yet seen finish.",
+        _HANDLE,
     ),
     "serve_batch_queue_length": ("gauge", "Requests waiting in a replica's @serve.batch queue.", _BATCH),
     "serve_actual_batch_size": (
-        "histogram", "Items in each @serve.batch call (requests, or batch_size_fn's count).", _BATCH,
+        "histogram",
+        "Items in each @serve.batch call (requests, or batch_size_fn's count).",
+        _BATCH,
     ),
     "serve_batch_utilization_percent": (
-        "histogram", "Batch size as a percentage of max_batch_size (actual / max * 100).", _BATCH,
+        "histogram",
+        "Batch size as a percentage of max_batch_size (actual / max * 100).",
+        _BATCH,
     ),
     "serve_deployment_replica_healthy": (
-        "gauge", "1 per healthy replica, 0 once it fails or stops (sum = ready replicas).", _REPLICA,
+        "gauge",
+        "1 per healthy replica, 0 once it fails or stops (sum = ready replicas).",
+        _REPLICA,
     ),
     "serve_autoscaling_target_replicas": (
-        "gauge", "Replicas the controller is steering the deployment to (every deployment).", _DEP,
+        "gauge",
+        "Replicas the controller is steering the deployment to (every deployment).",
+        _DEP,
     ),
     "serve_autoscaling_desired_replicas": (
-        "gauge", "Autoscaling policy's raw decision, before min/max bounds (autoscaling only).", _DEP,
+        "gauge",
+        "Autoscaling policy's raw decision, before min/max bounds (autoscaling only).",
+        _DEP,
     ),
     "serve_autoscaling_target_ongoing_requests": (
-        "gauge", "Configured target_ongoing_requests per replica (autoscaling deployments only).", _DEP,
+        "gauge",
+        "Configured target_ongoing_requests per replica (autoscaling deployments only).",
+        _DEP,
     ),
 }
 
@@ -154,9 +182,55 @@ def exported_series(name: str) -> list[str]:
     return [base]
 
 
+# Ray 2.60's metrics agent drops a gauge series that its process has not set for two export intervals (about
+# 20 s), so a gauge set once (rag_model_info) or only under traffic (pool stats) would vanish from Prometheus
+# while the replica is idle. Our gauges therefore keep re-setting their last values every GAUGE_REFRESH_S.
+GAUGE_REFRESH_S = 5.0
+
+
+class HeldGauge:
+    """A ``ray.serve.metrics.Gauge`` whose last value per tag set is re-exported until the process ends."""
+
+    _all: ClassVar[list[HeldGauge]] = []
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _thread: ClassVar[threading.Thread | None] = None
+
+    def __init__(self, gauge: Any) -> None:
+        self.gauge = gauge
+        self._last: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        key = tuple(sorted((tags or {}).items()))
+        with HeldGauge._lock:
+            self._last[key] = value
+            if self not in HeldGauge._all:
+                HeldGauge._all.append(self)
+            if HeldGauge._thread is None:
+                HeldGauge._thread = threading.Thread(
+                    target=HeldGauge._refresh_forever, name="rag-gauges", daemon=True
+                )
+                HeldGauge._thread.start()
+        self.gauge.set(value, tags=dict(key))
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.gauge, attr)
+
+    @classmethod
+    def _refresh_forever(cls) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with cls._lock:
+                held = [(g.gauge, list(g._last.items())) for g in cls._all]
+            for gauge, values in held:
+                for key, value in values:
+                    with contextlib.suppress(Exception):  # a refresh must never take the replica down
+                        gauge.set(value, tags=dict(key))
+
+
 @cache
 def get(name: str) -> Any:
-    """The ``ray.serve.metrics`` object for ``name`` (created on first use in this process)."""
+    """The ``ray.serve.metrics`` object for ``name`` (created on first use in this process); gauges are
+    ``HeldGauge`` wrappers (same ``set``), so their last values stay exported while idle."""
     from ray.serve import metrics as m
 
     kind, desc, tags, buckets = METRICS[name]
@@ -164,4 +238,4 @@ def get(name: str) -> Any:
         return m.Histogram(name, description=desc, boundaries=buckets, tag_keys=tags)
     if kind == "counter":
         return m.Counter(name, description=desc, tag_keys=tags)
-    return m.Gauge(name, description=desc, tag_keys=tags)
+    return HeldGauge(m.Gauge(name, description=desc, tag_keys=tags))

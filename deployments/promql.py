@@ -62,8 +62,10 @@ def quantile(q: float, name: str, *matchers: str, by: str = "", window: str = RA
 def mean(name: str, *matchers: str, by: str = "", window: str = RATE_INTERVAL) -> str:
     """Mean observation of a histogram over ``window``: rate of _sum / rate of _count."""
     s, g = _sel(matchers), _by(by)
-    return (f"sum{g} (rate({series(name, '_sum')}{s}[{window}])) / "
-            f"sum{g} (rate({series(name, '_count')}{s}[{window}]))")
+    return (
+        f"sum{g} (rate({series(name, '_sum')}{s}[{window}])) / "
+        f"sum{g} (rate({series(name, '_count')}{s}[{window}]))"
+    )
 
 
 def gauge(agg: str, name: str, *matchers: str, by: str = "") -> str:

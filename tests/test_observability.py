@@ -12,18 +12,24 @@ Prometheus's HTTP API.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import shutil
+import socket
 import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+from deployments.alerts import alerts
 from deployments.dashboards import ALERTS_PATH, DASHBOARD_PATH, DASHBOARD_UID, dashboard, render
 from deployments.grafana import panel_targets
 from deployments.metrics import LATENCY_MS_BUCKETS, METRICS, RAY_SERVE_METRICS, exported_series
-from deployments.promql import metric_names, substitute
+from deployments.promql import metric_names, quantile, series, substitute
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "monitoring"
@@ -78,10 +84,21 @@ def test_dashboard_is_a_complete_grafana_model():
             assert t["datasource"] == p["datasource"] and t["expr"].strip()
 
     titles = " | ".join(p["title"].lower() for p in d["panels"])
-    for needed in ("request rate", "error rate", "end-to-end latency", "embed latency", "retrieve latency",
-                   "rerank latency", "rerank batch size (pairs)", "rerank batch size (requests)",
-                   "batch utilisation", "queued requests", "replicas vs autoscaling target",
-                   "reranks skipped", "db pool saturation"):
+    for needed in (
+        "request rate",
+        "error rate",
+        "end-to-end latency",
+        "embed latency",
+        "retrieve latency",
+        "rerank latency",
+        "rerank batch size (pairs)",
+        "rerank batch size (requests)",
+        "batch utilisation",
+        "queued requests",
+        "replicas vs autoscaling target",
+        "reranks skipped",
+        "db pool saturation",
+    ):
         assert needed in titles, f"no panel for {needed!r}"
 
 
@@ -101,8 +118,12 @@ def test_queries_read_only_exported_series_of_the_selected_application():
 def test_alert_rules_cover_the_issue():
     rules = yaml.safe_load(ALERTS_PATH.read_text())
     alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
-    assert set(alerts) >= {"RagSearchLatencyP99High", "RagErrorRateHigh", "RagRerankerErrors",
-                           "RagNoReadyReplicas"}
+    assert set(alerts) >= {
+        "RagSearchLatencyP99High",
+        "RagErrorRateHigh",
+        "RagRerankerErrors",
+        "RagNoReadyReplicas",
+    }
     for r in alerts.values():
         assert r["labels"]["severity"] in {"warning", "critical"} and r["annotations"]["summary"]
 
@@ -135,9 +156,461 @@ def test_promtool_accepts_rules_and_config():
 @needs_promtool
 def test_promtool_parses_every_panel_query(tmp_path: Path):
     """Each panel query, variables substituted, as a recording rule: promtool parses the PromQL."""
-    rules = [{"record": f"panel_{p['id']}_{t['refId']}", "expr": substitute(t["expr"], application="rag")}
-             for p, t in panel_targets(dashboard())]
+    rules = [
+        {"record": f"panel_{p['id']}_{t['refId']}", "expr": substitute(t["expr"], application="rag")}
+        for p, t in panel_targets(dashboard())
+    ]
     f = tmp_path / "panels.yaml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
     r = _promtool("check", "rules", str(f))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- serve tier: a real Prometheus scraping a running app ---------------------------------------------------
+#
+# One module-scoped Ray + Serve app (serve_config.cpu.yaml, adjusted like tests/test_serve.py does, with an
+# autoscaling Reranker so the autoscaling series exist), one Prometheus subprocess started through the shipped
+# monitoring/run-prometheus.sh (temp config and data dir, free port, 1 s scrapes), and one round of traffic
+# through every path. The tests below then only read Prometheus.
+
+OBS_APP = "rag"  # the application name in serve_config.cpu.yaml
+OBS_FETCH_K, OBS_TOP_K = 16, 4
+OBS_QUERIES = [
+    "how do I parse a date from a string",
+    "open a file and read its lines",
+    "thread synchronization with a lock",
+    "compress data with gzip",
+    "sort a list in place",
+    "join path components",
+    "send an email message",
+    "generate random numbers",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prometheus_bin() -> str:
+    """Debian's prometheus binary; the serve-tier proof skips, saying why, without it."""
+    debian = Path("/usr/bin/prometheus")
+    found = shutil.which("prometheus") or (str(debian) if debian.exists() else None)
+    if found is None:
+        pytest.skip(
+            "the `prometheus` binary is not installed (Debian: apt-get install -y "
+            "--no-install-recommends prometheus); the proof against a real Prometheus needs it"
+        )
+    return found
+
+
+@pytest.fixture(scope="module")
+def obs_collection(store, embedder):
+    from rag.ingest import Document, ingest, iter_demo
+
+    name = "obs_" + uuid.uuid4().hex[:10]
+    docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=80)]
+    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    yield name
+    store.drop_collection(name)
+
+
+def _obs_config(db_url: str, state_dir: Path, collection: str, *, inject_failure: bool = False) -> dict:
+    from deployments.launch import CPU_CONFIG
+
+    cfg = yaml.safe_load(CPU_CONFIG.read_text())
+    app = cfg["applications"][0]
+    app["args"].update(
+        database_url=db_url,
+        data_dir=str(state_dir),
+        collection=collection,
+        offline=True,
+        rerank_threads=1,
+        fetch_k=OBS_FETCH_K,
+        top_k=OBS_TOP_K,
+        rerank_timeout_s=60,
+    )
+    app.setdefault("runtime_env", {}).setdefault("env_vars", {})["HF_HUB_OFFLINE"] = "1"
+    for d in app["deployments"]:
+        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.5
+        if d["name"] == "Reranker":
+            # autoscaling (pinned to one replica) so ray_serve_autoscaling_* exist, as in production
+            d.pop("num_replicas", None)
+            d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}
+            d["user_config"] = {
+                **d.get("user_config", {}),
+                "batch_wait_timeout_s": 0.05,
+                "inject_failure": inject_failure,
+            }
+    return cfg
+
+
+class ObsApp:
+    def __init__(self, http_port: int, metrics_port: int, configs: dict[str, dict]) -> None:
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.http_port, self.metrics_port, self.configs = http_port, metrics_port, configs
+
+    def deploy(self, which: str) -> None:
+        from deployments.launch import deploy
+
+        deploy(self.configs[which], host="127.0.0.1", port=self.http_port, timeout_s=600)
+
+    def wait_user_config(self, **want: object) -> None:
+        """Until the (single) Reranker replica runs with ``want`` in its user_config."""
+        from ray import serve
+
+        handle = serve.get_deployment_handle("Reranker", app_name=OBS_APP)
+        deadline = time.monotonic() + 60
+        while True:
+            cfg = handle.stats.remote().result(timeout_s=30)["user_config"]
+            if all(cfg.get(k) == v for k, v in want.items()):
+                return
+            assert time.monotonic() < deadline, f"Reranker user_config is {cfg}, want {want}"
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def obs_app(prometheus_bin, db_url, state_dir, obs_collection):
+    """Its own Ray (namespace, free metrics port) and Serve app; shut down at module teardown, so it never
+    meets tests/test_serve.py's instance in the same session."""
+    import httpx
+    import ray
+    from ray import serve
+
+    metrics_port = _free_port()
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        namespace="rag-observability-tests",
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    try:
+        configs = {
+            k: _obs_config(db_url, state_dir, obs_collection, inject_failure=k == "failing")
+            for k in ("normal", "failing")
+        }
+        app = ObsApp(_free_port(), metrics_port, configs)
+        app.deploy("normal")
+        deadline = time.monotonic() + 180
+        while httpx.get(app.url + "/readyz", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the app never became ready"
+            time.sleep(0.5)
+        yield app
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+class Prom:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, expr: str) -> list[dict]:
+        import httpx
+
+        r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=30)
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", f"{expr}\n-> {r.status_code} {body}"
+        assert body["data"]["resultType"] == "vector", expr
+        return body["data"]["result"]
+
+    def value(self, expr: str) -> float | None:
+        res = self.query(expr)
+        return float(res[0]["value"][1]) if res else None
+
+
+@pytest.fixture(scope="module")
+def prometheus(prometheus_bin, obs_app, tmp_path_factory):
+    """monitoring/run-prometheus.sh on a free port with a temp data dir, scraping the app every second.
+    Independent of any system prometheus service (its own port, config and storage)."""
+    import httpx
+
+    port, data = _free_port(), tmp_path_factory.mktemp("prometheus")
+    env = {
+        **os.environ,
+        "PROMETHEUS": prometheus_bin,
+        "PROM_PORT": str(port),
+        "PROM_DATA": str(data),
+        "PROM_SCRAPE_INTERVAL": "1s",
+        "RAG_METRICS_PORT": str(obs_app.metrics_port),
+    }
+    log = (data / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [str(MONITORING / "run-prometheus.sh"), "--log.level=warn"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    prom = Prom(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"prometheus exited: {(data / 'prometheus.log').read_text()}"
+            try:
+                if httpx.get(prom.url + "/-/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            time.sleep(0.5)
+        yield prom
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+class Traffic:
+    """What the clients saw: successful /search bodies and status codes per path taken."""
+
+    def __init__(self) -> None:
+        self.ok: list[dict] = []
+        self.statuses: dict[str, list[int]] = {}
+
+    def search(self, url: str, path: str, body: dict) -> dict | None:
+        import httpx
+
+        r = httpx.post(url + "/search", json=body, timeout=120)
+        self.statuses.setdefault(path, []).append(r.status_code)
+        if r.status_code == 200:
+            self.ok.append(r.json())
+            return r.json()
+        return None
+
+    def reasons(self) -> dict[str | None, int]:
+        out: dict[str | None, int] = {}
+        for b in self.ok:
+            out[b["reranker"]["reason"]] = out.get(b["reranker"]["reason"], 0) + 1
+        return out
+
+
+@pytest.fixture(scope="module")
+def traffic(obs_app, prometheus) -> Traffic:
+    """Every path once or more: reranked (sequential and concurrent, so batches merge requests), rerank
+    not requested, budget skip, invalid requests (422), reranker error (user_config.inject_failure)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t, url = Traffic(), obs_app.url
+    for q in OBS_QUERIES[:3]:
+        t.search(url, "reranked", {"query": q})
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda q: t.search(url, "reranked", {"query": q}), OBS_QUERIES * 2))
+    for q in OBS_QUERIES[:2]:
+        t.search(url, "not_requested", {"query": q, "rerank": False})
+    for q in OBS_QUERIES[:3]:  # 1 ms cannot cover stage 1, so stage 2 never starts
+        t.search(url, "budget", {"query": q, "budget_ms": 1})
+    for body in ({"query": ""}, {"query": "x", "top_k": 50, "fetch_k": 10}, {"query": "x", "fetch_k": 0}):
+        t.search(url, "invalid", body)
+    obs_app.deploy("failing")  # user_config only: a lightweight update, no restart
+    obs_app.wait_user_config(inject_failure=True)
+    try:
+        for q in OBS_QUERIES[:3]:
+            t.search(url, "reranker_error", {"query": q})
+    finally:
+        obs_app.deploy("normal")
+        obs_app.wait_user_config(inject_failure=False)
+    t.search(url, "reranked", {"query": OBS_QUERIES[-1]})
+
+    assert set(t.statuses["invalid"]) == {422}, t.statuses
+    assert all(s == 200 for k, v in t.statuses.items() if k != "invalid" for s in v), t.statuses
+    want = {None: 3 + 2 * len(OBS_QUERIES) + 1, "not_requested": 2, "budget": 3, "reranker_error": 3}
+    assert t.reasons() == want, t.reasons()
+
+    # Wait until Prometheus has scraped everything the app recorded (Ray exports every few seconds).
+    deadline = time.monotonic() + 120
+    expect = {"total": len(t.ok), "rerank": want[None]}
+    while True:
+        got = {
+            s: prometheus.value(
+                f'sum({series("rag_stage_latency_ms", "_count")}{{application="{OBS_APP}",stage="{s}"}})'
+            )
+            for s in expect
+        }
+        skipped = prometheus.value(f'sum({series("rag_rerank_skipped_total")}{{application="{OBS_APP}"}})')
+        if got == expect and skipped == 6:
+            break
+        assert time.monotonic() < deadline, f"stuck: counts {got} != {expect}, skipped {skipped} != 6"
+        time.sleep(2)
+    names = [s for n in [*METRICS, *RAY_SERVE_METRICS] for s in exported_series(n)]
+    deadline = (
+        time.monotonic() + 60
+    )  # series that only the next export carries (test_every_metric... says which)
+    while time.monotonic() < deadline and any(
+        not prometheus.query(f'count({n}{{application="{OBS_APP}"}})') for n in names
+    ):
+        time.sleep(2)
+    time.sleep(6)  # a few more scrapes, so every rate() window holds several samples
+    return t
+
+
+RATE_WINDOW = "10m"  # $__rate_interval stand-in: covers all of this module's traffic
+
+
+@pytest.mark.serve
+def test_every_metric_is_exported(prometheus, traffic):
+    """Each of our metrics and each reused built-in has series for the app in Prometheus."""
+    missing = [
+        s
+        for name in [*METRICS, *RAY_SERVE_METRICS]
+        for s in exported_series(name)
+        if not prometheus.query(f'count({s}{{application="{OBS_APP}"}})')
+    ]
+    assert not missing, f"nobody exports {missing}"
+
+
+@pytest.mark.serve
+def test_every_panel_query_returns_series(prometheus, traffic):
+    d = json.loads(DASHBOARD_PATH.read_text())
+    app_var = next(v for v in d["templating"]["list"] if v["name"] == "application")
+    values = {
+        r["metric"].get("application")
+        for r in prometheus.query(
+            app_var["query"]
+            .replace("label_values(", "group by (application) (")
+            .replace(", application)", ")")
+        )
+    }
+    assert OBS_APP in values, f"the application variable would not offer {OBS_APP!r}: {values}"
+    empty = []
+    for panel, target in panel_targets(d):
+        for app in (OBS_APP, ".*"):  # one application selected, and "All"
+            expr = substitute(target["expr"], application=app, rate_interval=RATE_WINDOW)
+            if not prometheus.query(expr):
+                empty.append(f"{panel['title']} [{target['refId']}] application={app}: {expr}")
+    assert not empty, "panel queries without data:\n" + "\n".join(empty)
+
+
+def _finite(result: list[dict]) -> list[float]:
+    return [float(r["value"][1]) for r in result if math.isfinite(float(r["value"][1]))]
+
+
+def _ray_midpoint(value: float, bounds: list[float]) -> float:
+    """Ray 2.60 re-creates each histogram observation as its bucket's midpoint (so ``_sum`` is approximate):
+    (0 + b0) / 2 for the first bucket, (b[i-1] + b[i]) / 2 inside, 2 * b[-1] past the last bound."""
+    for i, b in enumerate(bounds):
+        if value <= b:
+            return (b + (bounds[i - 1] if i else 0.0)) / 2
+    return bounds[-1] * 2
+
+
+def _ray_halfwidth(value: float, bounds: list[float]) -> float:
+    for i, b in enumerate(bounds):
+        if value <= b:
+            return (b - (bounds[i - 1] if i else 0.0)) / 2
+    return abs(bounds[-1] * 2 - value)
+
+
+@pytest.mark.serve
+def test_latency_panels_agree_with_response_timings(prometheus, traffic):
+    """Per stage, the histogram Prometheus holds is the histogram of the timings the responses carried:
+    same count, same bucket counts, and a mean (from _sum/_count, as the 'Mean latency by stage' panel reads
+    it) equal to the response timings' mean as Ray approximates it, and near their true mean. The p50 the
+    panels show lies inside the range of timings the clients saw."""
+    sel = f'application="{OBS_APP}"'
+    for stage in ("embed", "retrieve", "rerank", "total"):
+        seen = [b["timings_ms"][stage] for b in traffic.ok if stage != "rerank" or b["reranker"]["reranked"]]
+        name = f'{{{sel},stage="{stage}"}}'
+        count = prometheus.value(f"sum({series('rag_stage_latency_ms', '_count')}{name})")
+        assert count == len(seen), f"{stage}: Prometheus counted {count}, clients saw {len(seen)}"
+        buckets = {
+            float(r["metric"]["le"]): float(r["value"][1])
+            for r in prometheus.query(f"sum by (le) ({series('rag_stage_latency_ms', '_bucket')}{name})")
+        }
+        for le, n in buckets.items():  # +-1: a timing within 0.0005 ms of a bound may round across it
+            assert abs(n - sum(v <= le for v in seen)) <= 1, f"{stage}: bucket le={le} holds {n}"
+        mean = prometheus.value(f"sum({series('rag_stage_latency_ms', '_sum')}{name})") / count
+        approx = sum(_ray_midpoint(v, LATENCY_MS_BUCKETS) for v in seen) / len(seen)
+        true_mean = sum(seen) / len(seen)
+        assert mean == pytest.approx(approx, rel=0.02), f"{stage}: {mean} vs midpoint mean {approx}"
+        # and a midpoint is never further from the value than half its bucket's width
+        slack = sum(_ray_halfwidth(v, LATENCY_MS_BUCKETS) for v in seen) / len(seen)
+        assert abs(mean - true_mean) <= slack + 0.01, f"{stage}: {mean} vs true mean {true_mean} (+-{slack})"
+        p50 = _finite(
+            prometheus.query(
+                quantile(0.5, "rag_stage_latency_ms", sel, f'stage="{stage}"', window=RATE_WINDOW)
+            )
+        )
+        assert p50, f"{stage}: no p50"
+        # histogram_quantile interpolates within a bucket: allow one bucket's width either side
+        lo = max([b for b in LATENCY_MS_BUCKETS if b <= min(seen)], default=0)
+        hi = min([b for b in LATENCY_MS_BUCKETS if b >= max(seen)], default=math.inf)
+        assert lo <= p50[0] <= hi, f"{stage}: p50 {p50[0]:.1f} ms outside [{lo}, {hi}]"
+    proxy = prometheus.value(
+        f"sum({series('serve_http_request_latency_ms', '_count')}"
+        f'{{{sel},route=~".*/search",status_code="200"}})'
+    )
+    assert proxy == len(traffic.ok), "the proxy's latency histogram counts every /search answered 200"
+
+
+@pytest.mark.serve
+def test_counters_match_the_traffic(prometheus, traffic):
+    sel = f'application="{OBS_APP}"'
+    reasons = traffic.reasons()
+    skipped = {
+        r["metric"]["reason"]: float(r["value"][1])
+        for r in prometheus.query(f"sum by (reason) ({series('rag_rerank_skipped_total')}{{{sel}}})")
+    }
+    assert skipped == {"budget": reasons["budget"], "reranker_error": reasons["reranker_error"]}
+    errors = {
+        (r["metric"]["stage"], r["metric"]["error_type"]): float(r["value"][1])
+        for r in prometheus.query(f"sum by (stage, error_type) ({series('rag_errors_total')}{{{sel}}})")
+    }
+    assert errors.get(("rerank", "reranker_error")) == reasons["reranker_error"], errors
+    by_status = {
+        r["metric"]["status_code"]: float(r["value"][1])
+        for r in prometheus.query(
+            f'sum by (status_code) ({series("serve_num_http_requests")}{{{sel},route=~".*/search"}})'
+        )
+    }
+    assert by_status.get("200") == len(traffic.ok) and by_status.get("422") == len(
+        traffic.statuses["invalid"]
+    )
+    ingress = {
+        r["metric"]["status"]: float(r["value"][1])
+        for r in prometheus.query(
+            f'sum by (status) ({series("rag_requests_total")}{{{sel},route="/search"}})'
+        )
+    }
+    assert ingress == {k: float(v) for k, v in by_status.items()}, (ingress, by_status)
+    pairs = prometheus.value(f"sum({series('rag_rerank_batch_pairs', '_sum')}{{{sel}}})")
+    assert pairs >= reasons[None] * OBS_FETCH_K  # every reranked search scored fetch_k pairs (+ probes)
+    items = prometheus.value(f"sum({series('rag_rerank_batch_requests', '_sum')}{{{sel}}})")
+    batches = prometheus.value(f"sum({series('rag_rerank_batch_requests', '_count')}{{{sel}}})")
+    assert items > batches, "no Reranker batch ever merged two requests"
+
+
+@pytest.mark.serve
+def test_every_alert_expression_evaluates(prometheus, traffic):
+    import httpx
+
+    rules = [r for g in yaml.safe_load(ALERTS_PATH.read_text())["groups"] for r in g["rules"]]
+    assert [r["expr"] for r in rules] == [a.expr for a in alerts()]
+    for alert in alerts():
+        prometheus.query(alert.expr)  # valid and evaluable now (an empty vector: not firing)
+        for signal in alert.signals:
+            assert prometheus.query(signal), f"{alert.name}: {signal} has no data"
+    # the rules file loaded into this Prometheus, and every rule evaluates without error
+    deadline = time.monotonic() + 30
+    while True:
+        loaded = [
+            r
+            for g in httpx.get(prometheus.url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+            for r in g["rules"]
+        ]
+        if len(loaded) == len(rules) and all(r.get("health") == "ok" for r in loaded):
+            break
+        assert time.monotonic() < deadline, loaded
+        time.sleep(1)
+    no_ready = next(a for a in alerts() if a.name == "RagNoReadyReplicas")
+    assert prometheus.query(no_ready.expr) == [], "a healthy app must not look replica-less"
