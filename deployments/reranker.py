@@ -8,6 +8,11 @@ Batch size is bounded twice, both from ``user_config``: ``max_batch_size`` reque
 number with ``max_batch_size``, so ``_batch_cost`` returns a cost that exceeds ``max_batch_size`` exactly
 when either bound would be exceeded. A request with more documents than the pair cap is split into several
 items first.
+
+Ray 2.60's batch queue forms the next batch ``batch_wait_timeout_s`` after its first request arrives, even
+while the model is still busy with the previous one; under load that gives many small batches queued behind
+each other (measured: a largest batch of 3 requests at concurrency 16). So requests wait at a gate while a
+batch runs and are released together when it finishes: everything that queued meanwhile forms the next batch.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ __all__ = ["Reranker"]
 log = logging.getLogger("ray.serve")
 
 _DEFAULTS = RerankerUserConfig()
-# The next batch forms (and tokenizes) while one runs.
-# Config rule: max_ongoing_requests >= max_batch_size * MAX_CONCURRENT_BATCHES.
-MAX_CONCURRENT_BATCHES = 2
+# One batch runs at a time; the next one gathers at the gate meanwhile. Config rule:
+# max_ongoing_requests >= max_batch_size * MAX_CONCURRENT_BATCHES (2x leaves room for the next batch to fill).
+MAX_CONCURRENT_BATCHES = 1
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class Reranker:
         self._info = dict(self.reranker.info())
         self._cfg = _DEFAULTS
         self._lock = threading.Lock()  # one score() at a time, so last_timings belongs to our call
+        self._running = 0  # batches executing now
+        self._gate = asyncio.Event()  # set while fewer than MAX_CONCURRENT_BATCHES run
+        self._gate.set()
         self._stats = self._empty_stats()
         self._recent: deque[tuple[int, int]] = deque(maxlen=64)
         metrics.get("rag_model_info").set(
@@ -112,6 +120,7 @@ class Reranker:
             _Item(query, tuple(documents[i : i + step]), cfg.max_batch_size, step, now)
             for i in range(0, len(documents), step)
         ]
+        await self._gate.wait()  # while a batch runs, gather here; released together they form one batch
         parts = await asyncio.gather(*(self.score_batch(it) for it in items))
         return [s for part in parts for s in part]
 
@@ -141,6 +150,17 @@ class Reranker:
         batch_size_fn=_batch_cost,
     )
     async def score_batch(self, items: list[_Item]) -> list[list[float]]:
+        self._running += 1
+        if self._running >= MAX_CONCURRENT_BATCHES:
+            self._gate.clear()
+        try:
+            return await self._run_batch(items)
+        finally:
+            self._running -= 1
+            if self._running < MAX_CONCURRENT_BATCHES:
+                self._gate.set()
+
+    async def _run_batch(self, items: list[_Item]) -> list[list[float]]:
         start = time.perf_counter()
         for it in items:
             metrics.get("rag_rerank_phase_latency_ms").observe(
