@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import signal
-import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,8 +166,10 @@ def serve(settings: Settings, config: Path | None, *, blocking: bool = True) -> 
     _banner(running, settings)
     if not blocking:
         return running
-    if sys.platform != "win32":
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and `kill` both stop cleanly, even where SIGINT was ignored (a background job of a script).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
     try:
         while True:
             time.sleep(1)
@@ -176,6 +178,10 @@ def serve(settings: Settings, config: Path | None, *, blocking: bool = True) -> 
     finally:
         running.shutdown()
     return running
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _banner(r: Running, settings: Settings) -> None:
