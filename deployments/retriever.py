@@ -95,6 +95,13 @@ class Retriever:
             if key in stats:
                 metrics.get(metric).set(stats[key])
 
-    async def __del__(self) -> None:
-        if self._store is not None:
-            await self._store.close()
+    def __del__(self) -> Any:
+        """Serve calls this when the replica stops and awaits what it returns: the pool's close()."""
+        store, self._store = getattr(self, "_store", None), None
+        if store is None:
+            return None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # garbage collection outside an event loop: the process is going away
+            return None
+        return store.close()

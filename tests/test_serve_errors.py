@@ -394,3 +394,23 @@ def test_batch_cost_bounds_requests_and_pairs():
     assert _batch_cost(items(1, 1, 1, 1, 1)) == 5  # too many requests
     assert _batch_cost(items(100)) == 4  # exactly the pair cap fits
     assert _batch_cost(items(60, 41)) == 5  # 101 pairs: too many
+
+
+def test_retriever_replica_starts_without_database_and_reports_it():
+    """The real Retriever class (no Serve): a dead database -> StoreUnavailable per call, not a failed start."""
+    from deployments._args import RetrieverArgs
+    from deployments.retriever import Retriever
+
+    cls = Retriever.func_or_class
+    args = RetrieverArgs(database_url="postgresql://nobody@127.0.0.1:1/rag", connect_timeout_s=1)
+
+    async def run() -> None:
+        r = cls.__new__(cls)
+        await r.__init__(args)  # what Serve does with an async constructor; must not raise
+        with pytest.raises(StoreUnavailable, match="cannot reach PostgreSQL"):
+            await r.ready()
+        with pytest.raises(StoreUnavailable):
+            await r.search("default", np.ones(4, dtype=np.float32), 5)
+        assert r.__del__() is None  # no pool was ever opened
+
+    asyncio.run(run())
