@@ -7,6 +7,7 @@ why it is not ready) and every call retries opening a fresh pool, failing fast w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -42,6 +43,13 @@ class Retriever:
             await self._get_store()
         except StoreUnavailable as e:
             log.warning("database not reachable at start-up (will retry per request): %s", e)
+        # Pool gauges stay live while idle (the pool shrinks after max_idle), not only after a search.
+        self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
+
+    async def _refresh_gauges(self, every_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            self._record_pool()
 
     async def _get_store(self) -> AsyncStore:
         if self._store is not None:
@@ -97,6 +105,10 @@ class Retriever:
 
     def __del__(self) -> Any:
         """Serve calls this when the replica stops and awaits what it returns: the pool's close()."""
+        gauges = getattr(self, "_gauges", None)
+        if gauges is not None and not gauges.done():
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                gauges.cancel()
         store, self._store = getattr(self, "_store", None), None
         if store is None:
             return None
