@@ -63,7 +63,7 @@ def apply_settings(config: dict[str, Any], settings: Settings, database_url: str
     """A copy of ``config``: app args + explicitly set Settings, the database URL and data_dir."""
     cfg = copy.deepcopy(config)
     explicit = {k: getattr(settings, k) for k in FROM_SETTINGS if k in settings.model_fields_set}
-    explicit.pop("cohere_api_key", None)  # never written into a config; replicas get it from the environment
+    explicit.pop("cohere_api_key", None)  # never in a config: build_app's Settings reads the environment
     for app in cfg["applications"]:
         args = dict(app.get("args") or {})
         args.update({k: (str(v) if isinstance(v, Path) else v) for k, v in explicit.items()})
