@@ -133,9 +133,20 @@ class SearchService:
         self.args = args
         self.latency = LatencyModel()
         self._reranker_info: dict[str, Any] | None = None
+        self._reranker_info_at = 0.0
 
     # -- handle calls ------------------------------------------------------------------------------
-    async def call(self, stage: str, response: Any, timeout_s: float, *, count_errors: bool = True) -> Any:
+    async def call(
+        self,
+        stage: str,
+        response: Any,
+        timeout_s: float,
+        *,
+        count_errors: bool = True,
+        timeout_is_error: bool = True,
+    ) -> Any:
+        """Await a handle call with a timeout (cancelling it when the timeout fires); errors as rag.errors."""
+
         async def resolve() -> Any:
             return await response
 
@@ -146,7 +157,7 @@ class SearchService:
                 response.cancel()
             err = as_rag_error(stage, e, timeout_s)
             err.rag_stage = stage  # type: ignore[union-attr]
-            if count_errors:
+            if count_errors and (timeout_is_error or not isinstance(err, StageTimeout)):
                 metrics.get("rag_errors_total").inc(
                     tags={"stage": stage, "error_type": getattr(err, "error_type", type(err).__name__)}
                 )
@@ -237,7 +248,10 @@ class SearchService:
         t0 = time.perf_counter()
         try:
             scores = await self.call(
-                "rerank", self.reranker.rerank.remote(p.query, [c["content"] for c in cands]), timeout_s
+                "rerank",
+                self.reranker.rerank.remote(p.query, [c["content"] for c in cands]),
+                timeout_s,
+                timeout_is_error=not budget_bound,  # running out of budget is a skip, not an error
             )
             hits = rank(cands, scores, p.top_k)
         except Exception as e:
@@ -303,14 +317,18 @@ class SearchService:
         _observe("embed", (time.perf_counter() - t0) * 1e3)
         return [[float(x) for x in v] for v in vecs]
 
-    async def reranker_info(self) -> dict[str, Any]:
-        if self._reranker_info is None:
+    async def reranker_info(self, max_age_s: float = 30.0) -> dict[str, Any]:
+        """What the Reranker runs (cached; refreshed every ``max_age_s`` in case it was redeployed)."""
+        if self._reranker_info is None or time.monotonic() - self._reranker_info_at > max_age_s:
             try:
                 self._reranker_info = await self.call(
                     "rerank", self.reranker.info.remote(), self.args.ready_timeout_s
                 )
+                self._reranker_info_at = time.monotonic()
             except Exception as e:
                 log.warning("could not get the reranker's info: %s", e)
+                if self._reranker_info is not None:
+                    return dict(self._reranker_info)
                 return {"model": None, "backend": None, "device": None, "dtype": None, "trained": None}
         return dict(self._reranker_info)
 
