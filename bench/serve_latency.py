@@ -1,7 +1,7 @@
 """Serve-layer figures on this machine: /search latency at concurrency 1, reranker batching at concurrency C.
 
     RAG_OFFLINE=1 .venv/bin/python bench/serve_latency.py [--config serve_config.cpu.yaml]
-        [--collection default] [--n 30] [--concurrency 16] [--rounds 2] [--fetch-k 100] [--top-k 8]
+        [--collection default] [--n 30] [--concurrency 16] [--rounds 2] [--fetch-k 100] [--top-k 8] [--out F]
 
 Starts its own local Ray and the app from the config (like `rag serve`: the embedded database of RAG_DATA_DIR
 unless RAG_DATABASE_URL is set) on free ports, then
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--fetch-k", type=int, default=100)
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=None, help="Also write the JSON to this file.")
     opt = ap.parse_args()
 
     import ray
@@ -166,7 +167,10 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(json.dumps(result, indent=2), flush=True)
+    text = json.dumps(result, indent=2)
+    if opt.out:
+        opt.out.write_text(text + "\n")
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
