@@ -127,9 +127,12 @@ def build_standin_cross_encoder(cache_dir: Path) -> Path:
         )
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     tmp = out.with_name(out.name + ".tmp")
     rng_state = torch.random.get_rng_state()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: we add that head
     try:
         torch.manual_seed(STANDIN_SEED)
         model = BertForSequenceClassification.from_pretrained(str(base), num_labels=1)
@@ -137,6 +140,7 @@ def build_standin_cross_encoder(cache_dir: Path) -> Path:
         _calibrate_head(model, tok)
     finally:
         torch.random.set_rng_state(rng_state)
+        hf_logging.set_verbosity(verbosity)
     model.config.id2label = {0: "LABEL_0"}
     model.config.label2id = {"LABEL_0": 0}
     tok.model_max_length = 512
