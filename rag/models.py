@@ -132,7 +132,9 @@ def build_standin_cross_encoder(cache_dir: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     rng_state = torch.random.get_rng_state()
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: we add that head
+    hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(STANDIN_SEED)
         model = BertForSequenceClassification.from_pretrained(str(base), num_labels=1)
@@ -141,6 +143,8 @@ def build_standin_cross_encoder(cache_dir: Path) -> Path:
     finally:
         torch.random.set_rng_state(rng_state)
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.config.id2label = {0: "LABEL_0"}
     model.config.label2id = {"LABEL_0": 0}
     tok.model_max_length = 512
