@@ -1,49 +1,33 @@
-"""Query and document embeddings (sentence-transformers), L2-normalised for cosine search."""
+"""Query and document embeddings (sentence-transformers), L2-normalised for cosine search.
+
+Fast path (models made of a Transformer, mean or CLS pooling and an optional Normalize, like the default
+all-MiniLM-L6-v2): texts are tokenized once in one fast-tokenizer batch call, sorted by token length and
+packed into forward passes of at most ``token_budget`` padded tokens, run in the chosen dtype (bf16 where the
+CPU has it) on OpenVINO when installed (else PyTorch), and pooled and normalised in fp32. Other models use
+``SentenceTransformer.encode``. ``runtime="st"`` forces that plain path.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rag.accel import cpu_supports_bf16, pick_device, pick_dtype
 from rag.errors import InvalidInput, ModelError
 from rag.models import ResolvedModel, resolve_embedder
 
-__all__ = ["Embedder", "pick_device", "pick_dtype"]
+__all__ = ["Embedder", "cpu_supports_bf16", "pick_device", "pick_dtype"]
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(device: str) -> str:
-    """'auto' -> cuda if available, else cpu."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
-
-
-def pick_dtype(dtype: str, device: str) -> str:
-    """'auto' -> bfloat16 on CPUs with native bf16, float16 on CUDA, else float32."""
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "float16"
-    if device == "cpu" and cpu_supports_bf16():
-        return "bfloat16"
-    return "float32"
+def _hidden_states(model: Any, feeds: dict) -> Any:
+    return model(**feeds).last_hidden_state
 
 
 class Embedder:
@@ -57,25 +41,86 @@ class Embedder:
         dtype: str = "float32",
         batch_size: int = 64,
         offline: bool = False,
+        runtime: str = "auto",
+        token_budget: int = 16384,
+        threads: int = 0,
+        cache_dir: os.PathLike[str] | str | None = None,
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
+
+        from rag.accel import OpenVINOEngine, TorchEngine, pick_runtime, resolve_threads
 
         self.resolved: ResolvedModel = resolve_embedder(model, offline=offline)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
+        self.token_budget = token_budget
         try:
             self.model = SentenceTransformer(self.resolved.path, device=self.device)
         except Exception as e:
             raise ModelError(
                 f"could not load embedding model {model!r} from {self.resolved.path}: {e}"
             ) from e
-        if self.dtype != "float32":
-            self.model.to(getattr(torch, self.dtype))
         self.dim: int = int(self.model.get_embedding_dimension())
         self.tokenizer = self.model.tokenizer
         self.max_seq_length: int = int(self.model.max_seq_length)
+        self.threads = resolve_threads(threads) if self.device == "cpu" else threads
+        if threads > 0 and self.device == "cpu":
+            torch.set_num_threads(self.threads)
+        plan = self._fast_plan() if runtime != "st" else None
+        self.runtime = (
+            "sentence-transformers" if plan is None else pick_runtime(runtime, self.device, self.dtype)
+        )
+        self._engine: Any = None
+        if plan is None:
+            if self.dtype != "float32":
+                self.model.to(getattr(torch, self.dtype))
+            return
+        self._pooling, self._normalize, inner = plan
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.names = tuple(
+            n
+            for n in ("input_ids", "attention_mask", "token_type_ids")
+            if n in self.tokenizer.model_input_names
+        )
+        if self.runtime == "openvino":
+            from rag.settings import get_settings
+
+            cache = Path(cache_dir) if cache_dir is not None else get_settings().model_cache
+            precision = "bf16" if self.dtype == "bfloat16" else "f32"
+            try:
+                ov = OpenVINOEngine(
+                    inner,
+                    model_dir=self.resolved.path,
+                    kind="hidden",
+                    names=self.names,
+                    fn=_hidden_states,
+                    cache_dir=cache,
+                    precisions=[precision],
+                    threads=self.threads,
+                )
+            except Exception as e:
+                raise ModelError(
+                    f"could not run embedder {model!r} on OpenVINO: {e}; use runtime=torch"
+                ) from e
+            self._engine = ov
+        else:
+            self._engine = TorchEngine(inner, device=self.device, dtype=self.dtype, fn=_hidden_states)
+
+    def _fast_plan(self) -> tuple[str, bool, Any] | None:
+        """(pooling, normalize, transformer) for Transformer + mean/CLS Pooling [+ Normalize] models."""
+        mods = list(self.model)
+        names = [type(m).__name__ for m in mods]
+        if len(mods) not in (2, 3) or names[0] != "Transformer" or names[1] != "Pooling":
+            return None
+        if len(mods) == 3 and names[2] != "Normalize":
+            return None
+        mode = getattr(mods[1], "pooling_mode", None)
+        inner = getattr(mods[0], "model", None)
+        if mode not in ("mean", "cls") or inner is None or self.tokenizer is None:
+            return None
+        return mode, len(mods) == 3, inner
 
     @property
     def name(self) -> str:
@@ -88,9 +133,45 @@ class Embedder:
             "device": self.device,
             "dtype": self.dtype,
             "dim": self.dim,
+            "runtime": self.runtime,
         }
 
+    def _encode_fast(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        from rag.accel import pack_batches, pad_batch
+
+        enc = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_seq_length,
+            padding=False,
+            return_attention_mask=False,
+        )
+        ids = enc["input_ids"]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        batches = pack_batches([len(x) for x in ids], self.token_budget)
+        done = 0
+        for n, b in enumerate(batches):
+            x, mask = pad_batch(ids, b, self.pad_id)
+            feeds = {"input_ids": x, "attention_mask": mask}
+            if "token_type_ids" in self.names:
+                feeds["token_type_ids"] = pad_batch(enc["token_type_ids"], b, 0)[0]
+            h = self._engine(feeds)  # (rows, width, dim) float32
+            if self._pooling == "cls":
+                v = h[:, 0]
+            else:
+                m = mask[:, :, None].astype(np.float32)
+                v = (h * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+            if self._normalize:
+                v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            out[b] = v
+            done += len(b)
+            if progress and (n % 10 == 9 or n == len(batches) - 1):
+                log.info("embedded %d/%d texts", done, len(texts))
+        return out
+
     def _encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        if self._engine is not None:
+            return self._encode_fast(texts, progress=progress)
         vecs = self.model.encode(
             list(texts),
             batch_size=self.batch_size,

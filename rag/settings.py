@@ -21,6 +21,7 @@ DEFAULT_RERANK_MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2"
 RerankerBackend = Literal["cross-encoder", "cohere", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Runtime = Literal["auto", "torch", "openvino"]
 
 
 class Settings(BaseSettings):
@@ -67,6 +68,15 @@ class Settings(BaseSettings):
         8192, ge=512, description="Fast path: padded tokens per forward pass (batch x longest pair)."
     )
     rerank_threads: int = Field(0, ge=0, description="torch threads for reranking; 0 = the CPUs we may use.")
+    rerank_runtime: Runtime = Field(
+        "auto", description="Fast-path runtime: openvino (CPU), torch, or auto (openvino when installed)."
+    )
+    rerank_refine_top: int = Field(
+        8, ge=0, description="Fast path: rescore each query's best N pairs in fp32 after bf16/fp16 (0: off)."
+    )
+    rerank_refine_margin: float = Field(
+        0.1, ge=0, description="Also rescore pairs within this many logits of the N-th best (then adaptive)."
+    )
 
     cohere_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("CO_API_KEY", "RAG_COHERE_API_KEY")

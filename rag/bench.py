@@ -1,0 +1,215 @@
+"""``rag bench``: benchmarks (not timed tests). Each prints progress on stderr and a summary (or ``--json``).
+
+    rag bench rerank   seed CrossEncoder.predict fp32 vs our reranker on Cranfield; fidelity; FLOPs, floor
+    rag bench ingest   document embedding vs plain SentenceTransformer.encode; stage-1 nDCG@10 per dtype
+    rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search
+    rag bench serve    load test of a running Serve app's /search at several concurrencies; JSON + PNG
+
+The work lives in ``rag.benchmarks``; heavy libraries load inside the commands, never at import.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="Benchmarks: reranker, ingest embedding, pgvector store, Serve load test (see docs/BENCHMARKS.md).",
+    no_args_is_help=True,
+)
+
+DatasetOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Cranfield in BEIR layout (default: ../shared/datasets/cranfield).", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout.")]
+OutOpt = Annotated[Path | None, typer.Option(help="Also write the JSON result to this file.")]
+
+
+def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
+    from rag.settings import get_settings
+
+    return get_settings().with_overrides(**overrides)
+
+
+def _finish(result: dict[str, Any], as_json: bool, out: Path | None, text: str) -> None:
+    from rag.benchmarks.common import write_json
+
+    write_json(result, out)
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else text)
+
+
+@app.command()
+def rerank(
+    dataset: DatasetOpt = None,
+    queries: Annotated[int, typer.Option(help="Requests timed (spread over the 225 queries).")] = 20,
+    fidelity_queries: Annotated[
+        int, typer.Option(help="Queries in the fidelity check (0: skip); fp32 references are cached.")
+    ] = 225,
+    candidates: Annotated[int, typer.Option(help="Dense candidates per request.")] = 100,
+    dtype: Annotated[
+        str | None, typer.Option(help="Override RAG_RERANK_DTYPE (auto, bfloat16, float32).")
+    ] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="Override RAG_RERANK_RUNTIME (auto, openvino, torch).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Override RAG_RERANK_THREADS (0: the CPUs we may use).")
+    ] = None,
+    token_budget: Annotated[int | None, typer.Option(help="Override RAG_RERANK_TOKEN_BUDGET.")] = None,
+    refine_top: Annotated[
+        int | None, typer.Option(help="Override RAG_RERANK_REFINE_TOP (0: bf16 only).")
+    ] = None,
+    skip_seed: Annotated[
+        bool, typer.Option(help="Do not time the seed's code (fidelity uses cached refs).")
+    ] = False,
+    as_json: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """The seed's plain code vs our reranker on Cranfield candidate sets, side by side.
+
+    100 dense candidates per query (exact cosine over all-MiniLM-L6-v2 embeddings, no database needed).
+
+    Reports p50/p95 ms per request, pairs/s, the ratio, the measured fp32/bf16 matmul peak, the model's
+    GFLOP per request and the fraction of the floor achieved, and fidelity to fp32 over --fidelity-queries
+    queries. A full run takes 30-40 min on 2 cores (fp32 references of 225 queries; later runs reuse them).
+    """
+    from rag.benchmarks import rerank as rb
+
+    s = _settings(
+        rerank_dtype=dtype,
+        rerank_runtime=runtime,
+        rerank_threads=threads,
+        rerank_token_budget=token_budget,
+        rerank_refine_top=refine_top,
+    )
+    r = rb.run(
+        s,
+        dataset=dataset,
+        queries=queries,
+        fidelity_queries=fidelity_queries,
+        k=candidates,
+        skip_seed=skip_seed,
+    )
+    _finish(r, as_json, out, rb.summary(r))
+
+
+@app.command()
+def ingest(
+    dataset: DatasetOpt = None,
+    repeats: Annotated[int, typer.Option(help="Timed passes over the corpus per variant (median).")] = 3,
+    as_json: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Ingest embedding speed vs plain SentenceTransformer.encode, and retrieval quality per dtype.
+
+    On Cranfield (1,400 abstracts): plain SentenceTransformer.encode (fp32) vs Embedder.embed_documents
+    (fast path, fp32 and the default dtype), and stage-1 nDCG@10 / recall@100 of
+    exact cosine search with each (must stay >= 0.34; fp32 gives about 0.358)."""
+    from rag.benchmarks import ingest as ib
+
+    r = ib.run(_settings(), dataset=dataset, repeats=repeats)
+    _finish(r, as_json, out, ib.summary(r))
+
+
+@app.command()
+def store(
+    vectors: Annotated[
+        int, typer.Option(help="Synthetic vectors to load (clustered, 384 dimensions).")
+    ] = 200_000,
+    dim: Annotated[int, typer.Option(help="Vector dimension.")] = 384,
+    clusters: Annotated[int, typer.Option(help="Gaussian clusters the vectors are drawn from.")] = 2000,
+    queries: Annotated[int, typer.Option(help="Held-out query vectors (recall, latency).")] = 200,
+    k: Annotated[int, typer.Option(help="Neighbours per query.")] = 100,
+    ef_search: Annotated[str, typer.Option(help="Comma-separated hnsw.ef_search values to sweep.")] = (
+        "100,120,160,200,300,400,600,800"
+    ),
+    maintenance_work_mem: Annotated[str, typer.Option(help="For the index build.")] = "1GB",
+    parallel_workers: Annotated[
+        int, typer.Option(help="max_parallel_maintenance_workers for the build.")
+    ] = 1,
+    keep: Annotated[bool, typer.Option(help="Keep the temporary collection afterwards.")] = False,
+    as_json: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """pgvector HNSW at 200k+ vectors: build time, latency and recall per ef_search.
+
+    COPY (rag.store) into a temporary collection, build the HNSW index, then p50/p99 latency and recall@k
+    against exact search for each ef_search; reports the smallest ef_search with
+    recall >= 0.95. Uses RAG_DATABASE_URL, else the embedded server (started if needed). About 10 minutes."""
+    from rag.benchmarks import store as sb
+
+    efs = [int(x) for x in ef_search.split(",") if x.strip()]
+    r = sb.run(
+        _settings(),
+        n=vectors,
+        dim=dim,
+        clusters=clusters,
+        n_queries=queries,
+        k=k,
+        ef_values=efs,
+        maintenance_work_mem=maintenance_work_mem,
+        parallel_workers=parallel_workers,
+        keep=keep,
+    )
+    _finish(r, as_json, out, sb.summary(r))
+
+
+@app.command()
+def serve(
+    url: Annotated[
+        str, typer.Option(help="The running app (127.0.0.1/localhost only).")
+    ] = "http://127.0.0.1:8000",
+    metrics_url: Annotated[
+        str | None,
+        typer.Option(help="Ray metrics endpoint (default: http://127.0.0.1:RAG_METRICS_PORT/metrics)."),
+    ] = None,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated client concurrencies.")] = "1,4,16",
+    duration: Annotated[float, typer.Option(help="Seconds of load per concurrency (max 600).")] = 60.0,
+    warmup: Annotated[float, typer.Option(help="Seconds of unrecorded load before each level.")] = 5.0,
+    collection: Annotated[
+        str | None, typer.Option(help="Collection to search (default: the service's).")
+    ] = None,
+    fetch_k: Annotated[int, typer.Option(help="Candidates per request.")] = 100,
+    top_k: Annotated[int, typer.Option(help="Results per request.")] = 8,
+    dataset: DatasetOpt = None,
+    inprocess: Annotated[
+        bool, typer.Option(help="Also measure the in-process reranker's pairs/s first (server idle).")
+    ] = True,
+    rerank_json: Annotated[
+        Path | None,
+        typer.Option(help="Take in-process pairs/s from a `rag bench rerank --out` file instead."),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("results"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Load test of the running Serve app's /search at several concurrencies (JSON + PNG).
+
+    Closed-loop httpx + asyncio clients (loopback only): p50/p95/p99 latency, requests/s, errors and the
+    reranker batch sizes seen (from Ray's metrics) at each concurrency, the served pairs/s at
+    the highest concurrency against the in-process reranker's; saved as JSON and a PNG plot."""
+    from rag.benchmarks import serve as vb
+
+    s = _settings()
+    levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    r = vb.run(
+        s,
+        url=url,
+        metrics_url=metrics_url or f"http://127.0.0.1:{s.metrics_port}/metrics",
+        levels=levels,
+        duration=duration,
+        warmup=warmup,
+        collection=collection,
+        fetch_k=fetch_k,
+        top_k=top_k,
+        dataset=dataset,
+        inprocess=inprocess,
+        rerank_json=rerank_json,
+        out_dir=out_dir,
+    )
+    _finish(r, as_json, None, vb.summary(r))

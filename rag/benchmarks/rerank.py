@@ -1,0 +1,299 @@
+"""`rag bench rerank`: the seed's plain code against our reranker on real Cranfield candidate sets.
+
+- seed: ``CrossEncoder.predict(pairs, batch_size=32)`` in fp32, the code the project started from;
+- ours: ``rag.rerank.make_reranker(settings)`` (sorted, token-budgeted, bf16 screen + fp32 refine, OpenVINO).
+
+Both run in one process, interleaved query by query (alternating which goes first) so that load from other
+processes hits both alike. Also measured: the machine's matmul peak (fp32, bf16), the model's FLOPs per
+request from its architecture and the actual token lengths, and the floor those imply. Fidelity: our
+scores against the fp32 reference on every query (top-8 positions, top-8 overlap, Spearman of the 100 scores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rag.benchmarks.common import (
+    dense_candidates,
+    load_cranfield,
+    load_now,
+    machine_info,
+    matmul_peak,
+    pct,
+    say,
+)
+
+__all__ = ["encoder_flops", "fidelity_metrics", "run", "spearman"]
+
+
+def encoder_flops(config: Any, lengths: Sequence[int]) -> float:
+    """FLOPs of one BERT-style cross-encoder forward over sequences of ``lengths`` tokens (no padding).
+
+    Per layer and sequence of L tokens: Q, K, V, O projections 4 * 2*L*d^2, feed-forward 2 * 2*L*d*ff,
+    attention scores and weighted sum 2 * 2*L^2*d; plus pooler 2*d^2 and classifier 2*d. Embedding lookups,
+    softmax, LayerNorm and GELU are not counted (memory-bound, well under 1%).
+    """
+    d = int(config.hidden_size)
+    ff = int(config.intermediate_size)
+    n = int(config.num_hidden_layers)
+    total = 0.0
+    for L in lengths:
+        total += n * (2 * L * (4 * d * d + 2 * d * ff) + 4 * L * L * d) + 2 * d * d + 2 * d
+    return total
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)
+    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def fidelity_metrics(ref: Sequence[Sequence[float]], got: Sequence[Sequence[float]], k: int = 8) -> dict:
+    """Per query: top-k positions that hold the same document, top-k overlap, Spearman; averaged."""
+    pos, overlap, rho, exact = [], [], [], 0
+    for r, g in zip(ref, got, strict=True):
+        r, g = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
+        tr = np.argsort(-r, kind="stable")[:k]
+        tg = np.argsort(-g, kind="stable")[:k]
+        pos.append(float(np.mean(tr == tg)))
+        overlap.append(len(set(tr.tolist()) & set(tg.tolist())) / len(tr))
+        rho.append(spearman(r, g))
+        exact += int(np.array_equal(tr, tg))
+    return {
+        "queries": len(pos),
+        f"top{k}_position_match": round(float(np.mean(pos)), 5),
+        f"top{k}_overlap": round(float(np.mean(overlap)), 5),
+        f"queries_with_identical_top{k}": exact,
+        "spearman_mean": round(float(np.mean(rho)), 6),
+        "spearman_min": round(float(np.min(rho)), 6),
+        "pass": bool(np.mean(pos) >= 0.99 and np.mean(rho) >= 0.99),
+    }
+
+
+def _ref_cache(cache_dir: Path, ds_key: str, model_path: str, k: int, n: int) -> tuple[Path, np.ndarray]:
+    h = hashlib.sha256(f"{ds_key}|{Path(model_path).resolve()}|{k}".encode())
+    for f in sorted(Path(model_path).glob("*")):
+        if f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    path = cache_dir / f"rerank-ref-{h.hexdigest()[:16]}.npy"
+    arr = np.load(path) if path.exists() else np.full((n, k), np.nan, dtype=np.float64)
+    return path, arr
+
+
+def run(
+    settings: Any,
+    *,
+    dataset: Path | None = None,
+    queries: int = 20,
+    fidelity_queries: int = 225,
+    k: int = 100,
+    seed_batch_size: int = 32,
+    skip_seed: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    import warnings
+
+    from sentence_transformers import CrossEncoder
+
+    from rag.embed import Embedder
+    from rag.models import StandInWarning
+    from rag.rerank import make_reranker
+
+    machine = machine_info()
+    load_start = load_now()
+    say(f"machine: {machine['cpu_model']}, {machine['cpus_usable']} CPUs; load {load_start}", quiet=quiet)
+    ds = load_cranfield(dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StandInWarning)
+        ours = make_reranker(settings)
+    info = ours.info()
+    peak = matmul_peak(getattr(ours, "threads", 0))
+    say(f"matmul peak: {peak}", quiet=quiet)
+    cache_dir = settings.data_dir / "bench"
+    emb = Embedder(settings.embedding_model, dtype="float32", offline=settings.offline)
+    top, _ = dense_candidates(ds, emb, k, cache_dir=cache_dir, quiet=quiet)
+    del emb
+
+    def pairs(qi: int) -> list[tuple[str, str]]:
+        return [(ds.queries[qi], ds.docs[j]) for j in top[qi]]
+
+    model_path = ours.resolved.path
+    seed = CrossEncoder(model_path, device=ours.device, max_length=ours.max_length)  # fp32, the seed's code
+
+    def seed_score(p: list[tuple[str, str]]) -> np.ndarray:
+        return np.asarray(
+            seed.predict(p, batch_size=seed_batch_size, show_progress_bar=False), dtype=np.float64
+        )
+
+    nq = len(ds.queries)
+    timed = sorted({int(i) for i in np.linspace(0, nq - 1, min(queries, nq))})
+    ref_path, ref = _ref_cache(cache_dir, f"{ds.fingerprint()}-{k}", model_path, k, nq)
+    got = np.full((nq, k), np.nan)
+
+    # warm-up (first calls allocate, compile kernels, fill caches)
+    ours.score(pairs(1))
+    if not skip_seed:
+        seed_score(pairs(1))
+    lat: dict[str, list[float]] = {"seed": [], "ours": []}
+    stage: dict[str, list[float]] = {"tokenize_ms": [], "refine_ms": [], "refined_pairs": []}
+    lengths: list[int] = []
+    tok = ours.tokenizer
+    for n, qi in enumerate(timed):
+        p = pairs(qi)
+        enc = tok(
+            [a for a, _ in p], [b for _, b in p], truncation="longest_first", max_length=ours.max_length
+        )
+        lengths.extend(len(x) for x in enc["input_ids"])
+        runs: list[tuple[str, Callable[[], Any]]] = [("ours", lambda p=p: ours.score(p))]
+        if not skip_seed:
+            runs.append(("seed", lambda p=p: seed_score(p)))
+        if n % 2:
+            runs.reverse()
+        for name, fn in runs:
+            t = time.perf_counter()
+            out = fn()
+            lat[name].append((time.perf_counter() - t) * 1e3)
+            if name == "seed":
+                ref[qi] = out
+            else:
+                got[qi] = out
+                for key in stage:
+                    stage[key].append(float(ours.last_timings.get(key, 0.0)))
+        say(
+            f"  [{n + 1}/{len(timed)}] query {ds.query_ids[qi]}: ours {lat['ours'][-1]:.0f} ms"
+            + (f", seed {lat['seed'][-1]:.0f} ms" if lat["seed"] else ""),
+            quiet=quiet,
+        )
+    ref_path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(ref_path, ref)
+
+    config = ours.model.config
+    flops = encoder_flops(config, lengths) / len(timed)
+    pairs_per_req = len(lengths) / len(timed)
+    peak_key = "bf16_tflops" if info.get("dtype") == "bfloat16" and "bf16_tflops" in peak else "fp32_tflops"
+    floor_ms = flops / (peak[peak_key] * 1e12) * 1e3
+    fp32_floor_ms = flops / (peak["fp32_tflops"] * 1e12) * 1e3
+
+    def summary(v: list[float]) -> dict[str, float]:
+        return {
+            "p50_ms": round(pct(v, 50), 1),
+            "p95_ms": round(pct(v, 95), 1),
+            "mean_ms": round(float(np.mean(v)), 1),
+            "pairs_per_s": round(pairs_per_req * len(v) / (sum(v) / 1e3), 1),
+        }
+
+    result: dict[str, Any] = {
+        "benchmark": "rerank",
+        "machine": machine,
+        "load_start": load_start,
+        "matmul_peak": peak,
+        "dataset": str(ds.root),
+        "requests": len(timed),
+        "candidates_per_request": k,
+        "reranker": info,
+        "seed_code": f"CrossEncoder.predict(pairs, batch_size={seed_batch_size}) fp32",
+        "tokens_per_pair_mean": round(len(lengths) and sum(lengths) / len(lengths), 1),
+        "gflop_per_request": round(flops / 1e9, 1),
+        "ours": {
+            **summary(lat["ours"]),
+            "tokenize_ms_p50": round(pct(stage["tokenize_ms"], 50), 1),
+            "refine_ms_p50": round(pct(stage["refine_ms"], 50), 1),
+            "refined_pairs_mean": round(float(np.mean(stage["refined_pairs"])), 1),
+        },
+        "floor_ms": round(floor_ms, 1),
+        "floor_basis": f"gflop_per_request / measured {peak_key}",
+        "fraction_of_floor": round(floor_ms / pct(lat["ours"], 50), 3),
+        "effective_tflops": round(flops / (pct(lat["ours"], 50) / 1e3) / 1e12, 3),
+    }
+    if lat["seed"]:
+        result["seed"] = {
+            **summary(lat["seed"]),
+            "fraction_of_fp32_floor": round(fp32_floor_ms / pct(lat["seed"], 50), 3),
+        }
+        result["speedup_p50"] = round(pct(lat["seed"], 50) / pct(lat["ours"], 50), 2)
+        result["speedup_pairs_per_s"] = round(
+            result["ours"]["pairs_per_s"] / result["seed"]["pairs_per_s"], 2
+        )
+    if fidelity_queries:
+        result["fidelity"] = _fidelity(
+            ds, ours, seed_score, pairs, ref, got, ref_path, fidelity_queries, quiet
+        )
+    result["load_end"] = load_now()
+    return result
+
+
+def _fidelity(
+    ds: Any,
+    ours: Any,
+    seed_score: Callable[[list], np.ndarray],
+    pairs: Callable[[int], list],
+    ref: np.ndarray,
+    got: np.ndarray,
+    ref_path: Path,
+    n: int,
+    quiet: bool,
+) -> dict[str, Any]:
+    nq = len(ds.queries)
+    chosen = sorted({int(i) for i in np.linspace(0, nq - 1, min(n, nq))})
+    todo = [q for q in chosen if np.isnan(ref[q]).any() or np.isnan(got[q]).any()]
+    say(
+        f"fidelity: {len(chosen)} queries ({len(todo)} to score; fp32 reference cached in {ref_path})",
+        quiet=quiet,
+    )
+    t0 = time.perf_counter()
+    for m, qi in enumerate(todo):
+        p = pairs(qi)
+        if np.isnan(ref[qi]).any():
+            ref[qi] = seed_score(p)
+            if m % 10 == 9:
+                np.save(ref_path, ref)
+        if np.isnan(got[qi]).any():
+            got[qi] = ours.score(p)
+        if m % 10 == 9 or m == len(todo) - 1:
+            say(f"  fidelity {m + 1}/{len(todo)} ({time.perf_counter() - t0:.0f} s)", quiet=quiet)
+    np.save(ref_path, ref)
+    out = fidelity_metrics(ref[chosen], got[chosen], k=8)
+    out["reference"] = "CrossEncoder.predict fp32 (the seed's code)"
+    return out
+
+
+def summary(r: dict[str, Any]) -> str:
+    """Human-readable table of a ``run`` result."""
+    m, pk, o = r["machine"], r["matmul_peak"], r["ours"]
+    info = r["reranker"]
+    lines = [
+        f"rerank benchmark, {r['requests']} requests x {r['candidates_per_request']} Cranfield candidates "
+        f"({r['tokens_per_pair_mean']} tokens/pair, {r['gflop_per_request']} GFLOP/request)",
+        f"machine: {m['cpu_model']}, {m['cpus_usable']} CPUs, {m['date']}; load at start {r['load_start']}",
+        f"matmul peak ({pk['threads']} thr): fp32 {pk['fp32_tflops']}, bf16 {pk.get('bf16_tflops')} TFLOP/s",
+        f"ours: {info['runtime']} {info['dtype']}, refine={info.get('refine')}, threads {info['threads']}",
+        f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'pairs/s':>10}",
+    ]
+    if "seed" in r:
+        sd = r["seed"]
+        lines.append(
+            f"{'seed predict fp32 b32':24}{sd['p50_ms']:>10}{sd['p95_ms']:>10}{sd['pairs_per_s']:>10}"
+        )
+    lines.append(f"{'ours':24}{o['p50_ms']:>10}{o['p95_ms']:>10}{o['pairs_per_s']:>10}")
+    if "seed" in r:
+        lines.append(f"speedup: p50 {r['speedup_p50']}x, pairs/s {r['speedup_pairs_per_s']}x")
+    lines.append(
+        f"floor {r['floor_ms']} ms ({r['floor_basis']}); ours reaches {r['fraction_of_floor']:.0%} of it "
+        f"({r['effective_tflops']} TFLOP/s); tokenize p50 {o['tokenize_ms_p50']} ms, refine p50 "
+        f"{o['refine_ms_p50']} ms ({o['refined_pairs_mean']} pairs)"
+    )
+    if "fidelity" in r:
+        f = r["fidelity"]
+        lines.append(
+            f"fidelity vs fp32 over {f['queries']} queries: top-8 positions {f['top8_position_match']:.2%}, "
+            f"top-8 overlap {f['top8_overlap']:.2%}, Spearman mean {f['spearman_mean']:.5f} (min "
+            f"{f['spearman_min']:.5f}) -> {'PASS' if f['pass'] else 'FAIL'}"
+        )
+    lines.append(f"load at end {r['load_end']}")
+    return "\n".join(lines)
