@@ -284,6 +284,7 @@ class OpenVINOEngine:
         core = ov.Core()
         with contextlib.suppress(Exception):  # a compile cache is an optimisation only
             core.set_property({"CACHE_DIR": str(folder / "blobs")})
+        self.xml = xml
         model = core.read_model(str(xml))
         self.compiled = {}
         self.requests = {}

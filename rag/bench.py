@@ -68,6 +68,9 @@ def rerank(
     skip_seed: Annotated[
         bool, typer.Option(help="Do not time the seed's code (fidelity uses cached refs).")
     ] = False,
+    st_bf16: Annotated[
+        bool, typer.Option(help="Also time sentence-transformers in bf16 (its predict sorts by length).")
+    ] = True,
     as_json: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
@@ -95,6 +98,7 @@ def rerank(
         fidelity_queries=fidelity_queries,
         k=candidates,
         skip_seed=skip_seed,
+        st_bf16=st_bf16,
     )
     _finish(r, as_json, out, rb.summary(r))
 

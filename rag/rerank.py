@@ -184,6 +184,7 @@ class CrossEncoderReranker:
                 raise ModelError(
                     f"could not run reranker {model!r} on OpenVINO: {e}; use runtime=torch"
                 ) from e
+            self.engine: Any = ov
             self._fast = lambda feeds: ov(feeds, precisions[0])
             if self.refine_top:
                 self._exact = lambda feeds: ov(feeds, "f32")
@@ -195,6 +196,7 @@ class CrossEncoderReranker:
                 )
             else:
                 self._fast = TorchEngine(self.model, device=self.device, dtype=self.dtype, fn=logits)
+            self.engine = self._fast
         self._lock = threading.Lock()  # one forward pass at a time per replica
         self.last_timings: dict[str, float] = {}
 

@@ -159,3 +159,32 @@ def test_embedder_bf16_stays_close(settings, embedder):
     texts = [d[:400] for d in DOCS]
     cos = np.sum(bf.embed_documents(texts) * embedder.embed_documents(texts), axis=1)
     assert cos.min() > 0.995
+
+
+# -- benchmark helpers (rag bench) ------------------------------------------------------------------
+def test_bench_flops_and_serve_helpers():
+    from types import SimpleNamespace
+
+    from rag.benchmarks.rerank import encoder_flops
+    from rag.benchmarks.serve import _check_loopback, _steady_rate, parse_prometheus
+
+    cfg = SimpleNamespace(hidden_size=384, intermediate_size=1536, num_hidden_layers=6)
+    per_req = encoder_flops(cfg, [222] * 100)
+    assert 500e9 < per_req < 560e9  # the issue's ~530 GFLOP for 100 pairs of 222 tokens
+    text = (
+        'ray_rag_rerank_batch_pairs_bucket{le="100.0",x="a"} 2\n'
+        'ray_rag_rerank_batch_pairs_bucket{le="+Inf",x="a"} 3\n'
+        'ray_rag_rerank_batch_pairs_count{x="a"} 3\n'
+        'ray_rag_rerank_batch_pairs_sum{x="a"} 400\n'
+        'ray_serve_actual_batch_size_count{deployment="Embedder"} 9\n'
+        'ray_serve_actual_batch_size_count{deployment="Reranker"} 4\n'
+    )
+    m = parse_prometheus(text)
+    assert m["ray_rag_rerank_batch_pairs"] == {"le=100.0": 2, "le=+Inf": 3, "count": 3, "sum": 400}
+    assert m["ray_serve_actual_batch_size"]["count"] == 4  # the Reranker's only
+    # bursts of 4 completions every 10 s: 3 bursts after the first over 30 s
+    done = [(t + 0.01 * i, 100) for t in (0.0, 10.0, 20.0, 30.0) for i in range(4)]
+    assert _steady_rate(done) == pytest.approx(1200 / 30.03, rel=1e-2)
+    _check_loopback("http://127.0.0.1:8000")
+    with pytest.raises(ConfigError, match="only targets this machine"):
+        _check_loopback("http://example.com:8000")

@@ -112,23 +112,37 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def matmul_peak(threads: int = 0, n: int = 2048, repeats: int = 7) -> dict[str, float]:
-    """Measured dense matmul rate (TFLOP/s, median of ``repeats``) in fp32 and bf16 with torch."""
+def matmul_peak(threads: int = 0, n: int = 2048, repeats: int = 7, device: str = "cpu") -> dict[str, float]:
+    """Measured dense matmul rate (TFLOP/s, median of ``repeats``): fp32 and bf16 (CPU), + fp16 on CUDA."""
     import torch
 
     from rag.accel import cpu_supports_bf16, resolve_threads
 
-    torch.set_num_threads(resolve_threads(threads))
-    out: dict[str, float] = {"threads": torch.get_num_threads(), "n": n}
-    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if cpu_supports_bf16() else [])
+    out: dict[str, Any] = {"device": device, "n": n}
+    if device.startswith("cuda"):
+        n = max(n, 8192)
+        out["n"] = n
+        dtypes = [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
+        sync = torch.cuda.synchronize
+    else:
+        torch.set_num_threads(resolve_threads(threads))
+        out["threads"] = torch.get_num_threads()
+        dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if cpu_supports_bf16() else [])
+
+        def sync() -> None:
+            return None
+
     for name, dt in dtypes:
-        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
         for _ in range(2):
             a @ b
+        sync()
         ts = []
         for _ in range(repeats):
             t = time.perf_counter()
             a @ b
+            sync()
             ts.append(time.perf_counter() - t)
         out[f"{name}_tflops"] = round(2 * n**3 / statistics.median(ts) / 1e12, 4)
         out[f"{name}_tflops_best"] = round(2 * n**3 / min(ts) / 1e12, 4)

@@ -95,6 +95,7 @@ def run(
     k: int = 100,
     seed_batch_size: int = 32,
     skip_seed: bool = False,
+    st_bf16: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
     import warnings
@@ -113,7 +114,7 @@ def run(
         warnings.simplefilter("ignore", StandInWarning)
         ours = make_reranker(settings)
     info = ours.info()
-    peak = matmul_peak(getattr(ours, "threads", 0))
+    peak = matmul_peak(getattr(ours, "threads", 0), device=ours.device)
     say(f"matmul peak: {peak}", quiet=quiet)
     cache_dir = settings.data_dir / "bench"
     emb = Embedder(settings.embedding_model, dtype="float32", offline=settings.offline)
@@ -131,6 +132,14 @@ def run(
             seed.predict(p, batch_size=seed_batch_size, show_progress_bar=False), dtype=np.float64
         )
 
+    # the other baseline: sentence-transformers in bf16 (predict sorts pairs by length itself)
+    st_bf16 = st_bf16 and ours.device == "cpu" and info.get("dtype") == "bfloat16"
+    if st_bf16:
+        import torch
+
+        st = CrossEncoder(model_path, device=ours.device, max_length=ours.max_length)
+        st.to(torch.bfloat16)
+
     nq = len(ds.queries)
     timed = sorted({int(i) for i in np.linspace(0, nq - 1, min(queries, nq))})
     ref_path, ref = _ref_cache(cache_dir, f"{ds.fingerprint()}-{k}", model_path, k, nq)
@@ -140,7 +149,9 @@ def run(
     ours.score(pairs(1))
     if not skip_seed:
         seed_score(pairs(1))
-    lat: dict[str, list[float]] = {"seed": [], "ours": []}
+    lat: dict[str, list[float]] = {"seed": [], "ours": [], "st_bf16": []}
+    if st_bf16:
+        st.predict(pairs(1), batch_size=32, show_progress_bar=False)
     stage: dict[str, list[float]] = {"tokenize_ms": [], "refine_ms": [], "refined_pairs": []}
     lengths: list[int] = []
     tok = ours.tokenizer
@@ -153,6 +164,8 @@ def run(
         runs: list[tuple[str, Callable[[], Any]]] = [("ours", lambda p=p: ours.score(p))]
         if not skip_seed:
             runs.append(("seed", lambda p=p: seed_score(p)))
+        if st_bf16:
+            runs.append(("st_bf16", lambda p=p: st.predict(p, batch_size=32, show_progress_bar=False)))
         if n % 2:
             runs.reverse()
         for name, fn in runs:
@@ -161,13 +174,14 @@ def run(
             lat[name].append((time.perf_counter() - t) * 1e3)
             if name == "seed":
                 ref[qi] = out
-            else:
+            elif name == "ours":
                 got[qi] = out
                 for key in stage:
                     stage[key].append(float(ours.last_timings.get(key, 0.0)))
         say(
             f"  [{n + 1}/{len(timed)}] query {ds.query_ids[qi]}: ours {lat['ours'][-1]:.0f} ms"
-            + (f", seed {lat['seed'][-1]:.0f} ms" if lat["seed"] else ""),
+            + (f", seed {lat['seed'][-1]:.0f} ms" if lat["seed"] else "")
+            + (f", st bf16 {lat['st_bf16'][-1]:.0f} ms" if lat["st_bf16"] else ""),
             quiet=quiet,
         )
     ref_path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +190,8 @@ def run(
     config = ours.model.config
     flops = encoder_flops(config, lengths) / len(timed)
     pairs_per_req = len(lengths) / len(timed)
-    peak_key = "bf16_tflops" if info.get("dtype") == "bfloat16" and "bf16_tflops" in peak else "fp32_tflops"
+    peak_key = {"bfloat16": "bf16_tflops", "float16": "fp16_tflops"}.get(info.get("dtype"), "fp32_tflops")
+    peak_key = peak_key if peak_key in peak else "fp32_tflops"
     floor_ms = flops / (peak[peak_key] * 1e12) * 1e3
     fp32_floor_ms = flops / (peak["fp32_tflops"] * 1e12) * 1e3
 
@@ -220,6 +235,9 @@ def run(
         result["speedup_pairs_per_s"] = round(
             result["ours"]["pairs_per_s"] / result["seed"]["pairs_per_s"], 2
         )
+    if lat["st_bf16"]:
+        result["st_bf16_sorted"] = summary(lat["st_bf16"])
+        result["speedup_vs_st_bf16_p50"] = round(pct(lat["st_bf16"], 50) / pct(lat["ours"], 50), 2)
     if fidelity_queries:
         result["fidelity"] = _fidelity(
             ds, ours, seed_score, pairs, ref, got, ref_path, fidelity_queries, quiet
@@ -271,7 +289,8 @@ def summary(r: dict[str, Any]) -> str:
         f"rerank benchmark, {r['requests']} requests x {r['candidates_per_request']} Cranfield candidates "
         f"({r['tokens_per_pair_mean']} tokens/pair, {r['gflop_per_request']} GFLOP/request)",
         f"machine: {m['cpu_model']}, {m['cpus_usable']} CPUs, {m['date']}; load at start {r['load_start']}",
-        f"matmul peak ({pk['threads']} thr): fp32 {pk['fp32_tflops']}, bf16 {pk.get('bf16_tflops')} TFLOP/s",
+        f"matmul peak ({pk['device']}, {pk.get('threads', '-')} thr), TFLOP/s: fp32 {pk['fp32_tflops']}, "
+        f"bf16 {pk.get('bf16_tflops')}" + (f", fp16 {pk['fp16_tflops']}" if "fp16_tflops" in pk else ""),
         f"ours: {info['runtime']} {info['dtype']}, refine={info.get('refine')}, threads {info['threads']}",
         f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'pairs/s':>10}",
     ]
@@ -280,9 +299,16 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(
             f"{'seed predict fp32 b32':24}{sd['p50_ms']:>10}{sd['p95_ms']:>10}{sd['pairs_per_s']:>10}"
         )
+    if "st_bf16_sorted" in r:
+        sb = r["st_bf16_sorted"]
+        lines.append(
+            f"{'ST bf16 (len-sorted)':24}{sb['p50_ms']:>10}{sb['p95_ms']:>10}{sb['pairs_per_s']:>10}"
+        )
     lines.append(f"{'ours':24}{o['p50_ms']:>10}{o['p95_ms']:>10}{o['pairs_per_s']:>10}")
     if "seed" in r:
-        lines.append(f"speedup: p50 {r['speedup_p50']}x, pairs/s {r['speedup_pairs_per_s']}x")
+        lines.append(f"speedup vs seed: p50 {r['speedup_p50']}x, pairs/s {r['speedup_pairs_per_s']}x")
+    if "st_bf16_sorted" in r:
+        lines.append(f"speedup vs ST bf16: p50 {r['speedup_vs_st_bf16_p50']}x")
     lines.append(
         f"floor {r['floor_ms']} ms ({r['floor_basis']}); ours reaches {r['fraction_of_floor']:.0%} of it "
         f"({r['effective_tflops']} TFLOP/s); tokenize p50 {o['tokenize_ms_p50']} ms, refine p50 "
