@@ -62,16 +62,16 @@ eval: setup ## Evaluate on Cranfield (../shared): dense vs reranked recall@8, nD
 	$(BIN)/rag eval ../shared/datasets/cranfield
 
 bench-rerank: setup ## Reranker benchmark: seed's plain code vs ours on Cranfield candidates
-	$(BIN)/rag bench rerank
+	$(BIN)/rag bench rerank $(BENCH_ARGS)
 
 bench-store: setup ## pgvector benchmark: 200k vectors, HNSW build, p50/p99 k=100, recall@100
-	$(BIN)/rag bench store
+	$(BIN)/rag bench store $(BENCH_ARGS)
 
 bench-ingest: setup ## Ingest embedding speed vs plain SentenceTransformer.encode on Cranfield
-	$(BIN)/rag bench ingest
+	$(BIN)/rag bench ingest $(BENCH_ARGS)
 
-bench-serve: setup ## Load test a running `rag serve` at concurrency 1, 4, 16
-	$(BIN)/rag bench serve
+bench-serve: setup ## Load test a running `rag serve` at concurrency 1, 4, 16 (JSON + PNG in results/)
+	$(BIN)/rag bench serve $(BENCH_ARGS)
 
 monitor: ## Prometheus (Debian package) scraping a local `rag serve`, with the project's alerts
 	monitoring/run-prometheus.sh

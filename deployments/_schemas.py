@@ -64,9 +64,12 @@ class RerankerInfo(BaseModel):
     reranked: bool
     reason: str | None = Field(
         None,
-        description="Why not reranked: not_requested | disabled | budget | reranker_error | no_candidates.",
+        description=(
+            "Why not reranked: not_requested | disabled | budget | overloaded | reranker_error "
+            "| no_candidates."
+        ),
     )
-    detail: str | None = Field(None, description="The error behind reason=reranker_error.")
+    detail: str | None = Field(None, description="The error behind reason=reranker_error or overloaded.")
 
 
 class SearchResponse(BaseModel):

@@ -26,7 +26,7 @@ __all__ = ["LatencyModel", "SearchService", "StageTimeout", "StageUnavailable"]
 
 log = logging.getLogger("ray.serve")
 
-SKIP_REASONS_COUNTED = ("budget", "reranker_error", "disabled")
+SKIP_REASONS_COUNTED = ("budget", "overloaded", "reranker_error", "disabled")
 
 
 class StageTimeout(Overloaded):
@@ -249,7 +249,7 @@ class SearchService:
         try:
             scores = await self.call(
                 "rerank",
-                self.reranker.rerank.remote(p.query, [c["content"] for c in cands]),
+                self.reranker.rerank.remote(p.query, [c["content"] for c in cands], deadline_s=timeout_s),
                 timeout_s,
                 timeout_is_error=not budget_bound,  # running out of budget is a skip, not an error
             )
@@ -263,6 +263,8 @@ class SearchService:
                 )
             if self.args.strict_rerank:
                 raise
+            if type(e) is Overloaded:  # refused at once (the reranker's admission, or Ray's queue limit)
+                return skip("overloaded", str(e))
             log.warning("rerank failed, answering in dense order: %s", e)
             return skip("reranker_error", f"{type(e).__name__}: {e}")
         ms = (time.perf_counter() - t0) * 1e3
@@ -297,8 +299,9 @@ class SearchService:
         self.check_query(query)
         self.check_documents(documents)
         t0 = time.perf_counter()
+        timeout_s = self.args.rerank_timeout_s
         scores = await self.call(
-            "rerank", self.reranker.rerank.remote(query, documents), self.args.rerank_timeout_s
+            "rerank", self.reranker.rerank.remote(query, documents, deadline_s=timeout_s), timeout_s
         )
         ms = (time.perf_counter() - t0) * 1e3
         self.latency.observe(ms, len(documents))

@@ -79,7 +79,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     ),
     "rag_rerank_skipped_total": (
         "counter",
-        "Searches answered in dense order without reranking (reason: budget | reranker_error | disabled).",
+        "Searches answered in dense order without reranking "
+        "(reason: budget | overloaded | reranker_error | disabled).",
         ("reason",),
         None,
     ),

@@ -13,6 +13,13 @@ Ray 2.60's batch queue forms the next batch ``batch_wait_timeout_s`` after its f
 while the model is still busy with the previous one; under load that gives many small batches queued behind
 each other (measured: a largest batch of 3 requests at concurrency 16). So requests wait at a gate while a
 batch runs and are released together when it finishes: everything that queued meanwhile forms the next batch.
+
+Admission: the caller passes how long it will wait (``deadline_s``, the ingress's rerank timeout). A request
+that would finish after ``ADMIT_FRACTION`` (0.8) of that, judged from the pairs already admitted and this
+replica's measured pairs/s, is refused at once with ``Overloaded`` instead of being computed for a caller
+that has gone (before this, at concurrency 16 on 2 CPUs every batch ran past the 30 s timeout and nothing
+was reranked).
+The ingress answers those searches in dense order with ``reason: overloaded``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments._args import RerankerArgs, RerankerUserConfig
-from rag.errors import InvalidInput, RerankerError
+from rag.errors import InvalidInput, Overloaded, RerankerError
 
 __all__ = ["Reranker"]
 
@@ -39,6 +46,9 @@ _DEFAULTS = RerankerUserConfig()
 # One batch runs at a time; the next one gathers at the gate meanwhile. Config rule:
 # max_ongoing_requests >= max_batch_size * MAX_CONCURRENT_BATCHES (2x leaves room for the next batch to fill).
 MAX_CONCURRENT_BATCHES = 1
+# Admit a request only if its estimated finish is within this fraction of the caller's deadline: the rate is
+# an EWMA and other processes on the node (stage 1 under load) can slow the next batch down.
+ADMIT_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,13 @@ def _batch_cost(items: list[_Item]) -> int:
     request_cap, pair_cap = items[-1].request_cap, items[-1].pair_cap
     pairs = sum(len(i.documents) for i in items)
     return max(len(items), -(-pairs * request_cap // pair_cap))
+
+
+def admission_wait_s(pending_pairs: int, pairs: int, pairs_per_s: float | None) -> float | None:
+    """Seconds until a request of ``pairs`` would finish behind ``pending_pairs`` (None: no estimate yet)."""
+    if not pairs_per_s or pending_pairs <= 0:
+        return None  # idle, or nothing measured yet: always admitted
+    return (pending_pairs + pairs) / pairs_per_s
 
 
 def validate_rerank_input(query: object, documents: object) -> None:
@@ -86,6 +103,8 @@ class Reranker:
         self._gate.set()
         self._stats = self._empty_stats()
         self._recent: deque[tuple[int, int]] = deque(maxlen=64)
+        self._pending_pairs = 0  # admitted and not finished
+        self._pairs_per_s: float | None = None  # EWMA over batches (compute time only)
         metrics.get("rag_model_info").set(
             1,
             tags={
@@ -107,21 +126,37 @@ class Reranker:
         log.info("reranker user_config: %s", cfg.model_dump())
 
     # -- API ---------------------------------------------------------------------------------------
-    async def rerank(self, query: str, documents: list[str]) -> list[float]:
-        """One score per document, in input order. Validated here, before joining a batch."""
+    async def rerank(self, query: str, documents: list[str], deadline_s: float | None = None) -> list[float]:
+        """One score per document, in input order. Validated here, before joining a batch.
+
+        ``deadline_s``: how long the caller will wait; work that would finish later is refused (Overloaded).
+        """
         validate_rerank_input(query, documents)
         if not documents:
             return []
         if not self.reranker.enabled:
             raise RerankerError("reranking is disabled (RAG_RERANKER=none)")
+        n = len(documents)
+        wait_s = admission_wait_s(self._pending_pairs, n, self._pairs_per_s)
+        if deadline_s is not None and wait_s is not None and wait_s > ADMIT_FRACTION * deadline_s:
+            raise Overloaded(
+                f"the reranker is busy: this request would finish in about {wait_s:.1f}s "
+                f"({self._pending_pairs} pairs ahead at {self._pairs_per_s:.0f} pairs/s), after its "
+                f"{deadline_s:g}s deadline; retry later, or add Reranker replicas",
+                retry_after_s=max(1.0, round(wait_s - deadline_s, 1)),
+            )
         cfg, now = self._cfg, time.perf_counter()
         step = cfg.max_pairs_per_batch
         items = [
             _Item(query, tuple(documents[i : i + step]), cfg.max_batch_size, step, now)
             for i in range(0, len(documents), step)
         ]
-        await self._gate.wait()  # while a batch runs, gather here; released together they form one batch
-        parts = await asyncio.gather(*(self.score_batch(it) for it in items))
+        self._pending_pairs += n
+        try:
+            await self._gate.wait()  # while a batch runs, gather here; released together they form one batch
+            parts = await asyncio.gather(*(self.score_batch(it) for it in items))
+        finally:
+            self._pending_pairs -= n
         return [s for part in parts for s in part]
 
     def info(self) -> dict[str, Any]:
@@ -203,6 +238,9 @@ class Reranker:
                 metrics.get("rag_rerank_phase_latency_ms").observe(
                     timings[f"{phase}_ms"], tags={"phase": phase}
                 )
+        if batch_ms > 0:
+            rate = n_pairs / (batch_ms / 1e3)
+            self._pairs_per_s = rate if self._pairs_per_s is None else 0.3 * rate + 0.7 * self._pairs_per_s
         st = self._stats
         st["batches"] += 1
         st["items"] += n_items

@@ -78,7 +78,7 @@ async def _search(collection: str, vec: Any, k: int) -> list[dict]:
     return candidates(k)
 
 
-async def _rerank(query: str, docs: list[str]) -> list[float]:
+async def _rerank(query: str, docs: list[str], deadline_s: float | None = None) -> list[float]:
     return [i / 100 for i in range(len(docs))]  # reverses the dense order
 
 
@@ -279,6 +279,36 @@ def test_reranker_bug_or_timeout_also_degrades():
     c, _ = make(reranker={"rerank": sleeping(5)}, rerank_timeout_s=0.2)
     body = c.post("/search", json={"query": "q"}).json()
     assert body["reranker"]["reason"] == "reranker_error" and "timeout" in body["reranker"]["detail"].lower()
+
+
+def test_an_overloaded_reranker_is_skipped_at_once_with_its_reason():
+    from rag.errors import Overloaded
+
+    seen: dict[str, Any] = {}
+
+    async def busy(query: str, docs: list[str], deadline_s: float | None = None) -> list[float]:
+        seen["deadline_s"] = deadline_s
+        raise Overloaded("the reranker is busy: this request would finish in about 41.0s")
+
+    c, _ = make(reranker={"rerank": busy}, rerank_timeout_s=7)
+    body = c.post("/search", json={"query": "q"}).json()
+    assert seen["deadline_s"] == 7  # the reranker is told how long the ingress will wait
+    assert body["reranker"]["reranked"] is False and body["reranker"]["reason"] == "overloaded"
+    assert "41.0s" in body["reranker"]["detail"]
+    assert [h["id"] for h in body["results"]] == [f"c{i}" for i in range(5)]  # dense order
+    # /v2/rerank has no dense order to fall back on: 503 with Retry-After
+    check_error(
+        c.post("/v2/rerank", json={"query": "q", "documents": ["a"]}), 503, "overloaded", retry_after=True
+    )
+
+
+def test_admission_estimate():
+    from deployments.reranker import admission_wait_s
+
+    assert admission_wait_s(0, 100, 46.0) is None  # idle: always admitted
+    assert admission_wait_s(500, 100, None) is None  # nothing measured yet
+    assert admission_wait_s(1300, 100, 46.0) == pytest.approx(1400 / 46)  # > 30 s: refused at a 30 s deadline
+    assert admission_wait_s(200, 100, 46.0) == pytest.approx(300 / 46)
 
 
 def test_strict_rerank_fails_instead():
