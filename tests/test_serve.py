@@ -450,7 +450,30 @@ def test_full_queue_is_503_with_retry_after(live):
         rs = concurrently(6, lambda q: post(live, "/search", {"query": q}), QUERIES[:6])
         assert all(r.status_code == 200 for r in rs)
         reasons = {r.json()["reranker"]["reason"] for r in rs}
-        assert "reranker_error" in reasons, reasons
+        assert "overloaded" in reasons, reasons  # refused at once (Ray's queue limit): not an error
+    finally:
+        live.deploy(live.config)
+
+
+def test_reranker_refuses_work_it_cannot_finish_in_time(live):
+    # A 6 s batch, measured once. With a 12 s budget the deadline the reranker gets is what is left of it
+    # (~12 s): the first of three concurrent searches is admitted (~6-8 s); the others would finish after
+    # ~12-16 s, past 0.8 x the deadline, so the replica refuses them at once instead of computing them.
+    live.deploy(with_reranker(live.config, user_config={"inject_delay_ms": 6_000}))
+    try:
+        assert post(live, "/search", {"query": QUERIES[0]}).json()["reranker"]["reranked"] is True  # measured
+        rs = concurrently(3, lambda q: post(live, "/search", {"query": q, "budget_ms": 12_000}), QUERIES[1:4])
+        assert all(r.status_code == 200 for r in rs)
+        bodies = [r.json() for r in rs]
+        assert sum(b["reranker"]["reranked"] for b in bodies) == 1, [b["reranker"] for b in bodies]
+        for b in bodies:
+            if b["reranker"]["reranked"]:
+                assert b["timings_ms"]["total"] < 12_000  # the admitted one made its deadline
+                continue
+            assert b["reranker"]["reason"] == "overloaded", b["reranker"]
+            assert "the reranker is busy" in b["reranker"]["detail"]
+            assert b["timings_ms"]["total"] < 3_000  # answered at once, in dense order
+            assert [h["score"] for h in b["results"]] == [h["dense_score"] for h in b["results"]]
     finally:
         live.deploy(live.config)
 
