@@ -104,7 +104,7 @@ class Reranker:
         self._stats = self._empty_stats()
         self._recent: deque[tuple[int, int]] = deque(maxlen=64)
         self._pending_pairs = 0  # admitted and not finished
-        self._pairs_per_s: float | None = None  # EWMA over batches (compute time only)
+        self._pairs_per_s: float | None = None  # per batch (compute time): min(last, EWMA)
         metrics.get("rag_model_info").set(
             1,
             tags={
@@ -240,7 +240,8 @@ class Reranker:
                 )
         if batch_ms > 0:
             rate = n_pairs / (batch_ms / 1e3)
-            self._pairs_per_s = rate if self._pairs_per_s is None else 0.3 * rate + 0.7 * self._pairs_per_s
+            ewma = rate if self._pairs_per_s is None else 0.3 * rate + 0.7 * self._pairs_per_s
+            self._pairs_per_s = min(rate, ewma)  # down at once when a batch runs slower, up gradually
         st = self._stats
         st["batches"] += 1
         st["items"] += n_items
