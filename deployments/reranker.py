@@ -18,8 +18,7 @@ Admission: the caller passes how long it will wait (``deadline_s``, the ingress'
 that would finish after ``ADMIT_FRACTION`` (0.8) of that, judged from the pairs already admitted and this
 replica's measured pairs/s, is refused at once with ``Overloaded`` instead of being computed for a caller
 that has gone (before this, at concurrency 16 on 2 CPUs every batch ran past the 30 s timeout and nothing
-was reranked).
-The ingress answers those searches in dense order with ``reason: overloaded``.
+was reranked). The ingress answers those searches in dense order with ``reason: overloaded``.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ _DEFAULTS = RerankerUserConfig()
 # max_ongoing_requests >= max_batch_size * MAX_CONCURRENT_BATCHES (2x leaves room for the next batch to fill).
 MAX_CONCURRENT_BATCHES = 1
 # Admit a request only if its estimated finish is within this fraction of the caller's deadline: the rate is
-# an EWMA and other processes on the node (stage 1 under load) can slow the next batch down.
+# an estimate from past batches, and other processes on the node (stage 1 under load) can slow the next down.
 ADMIT_FRACTION = 0.8
 
 
@@ -141,8 +140,9 @@ class Reranker:
         if deadline_s is not None and wait_s is not None and wait_s > ADMIT_FRACTION * deadline_s:
             raise Overloaded(
                 f"the reranker is busy: this request would finish in about {wait_s:.1f}s "
-                f"({self._pending_pairs} pairs ahead at {self._pairs_per_s:.0f} pairs/s), after its "
-                f"{deadline_s:g}s deadline; retry later, or add Reranker replicas",
+                f"({self._pending_pairs} pairs ahead at {self._pairs_per_s:.0f} pairs/s), later than "
+                f"{ADMIT_FRACTION:.0%} of its {deadline_s:g}s deadline; retry later, or add Reranker "
+                "replicas",
                 retry_after_s=max(1.0, round(wait_s - deadline_s, 1)),
             )
         cfg, now = self._cfg, time.perf_counter()
