@@ -207,8 +207,10 @@ def _served_candidates(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             p = Pipeline(settings.with_overrides(collection=coll, reranker="none"))
+        try:
             out = [[h["content"] for h in p.retrieve(q, fetch_k, collection=coll)] for q in queries]
-        p.close()
+        finally:
+            p.close()
     except Exception as e:  # no database here, or another collection: fall back to Cranfield's candidates
         say(
             f"served candidates unavailable ({type(e).__name__}: {e}); using Cranfield dense candidates",
@@ -245,19 +247,19 @@ def _inprocess(
         say(f"in-process reference skipped: {e}", quiet=quiet)
         return None
     say("measuring the in-process reranker (server idle) ...", quiet=quiet)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        emb = Embedder(settings.embedding_model, dtype="float32", offline=settings.offline)
-        top, _ = dense_candidates(ds, emb, 100, cache_dir=settings.data_dir / "bench", quiet=quiet)
-        rr = make_reranker(settings)
     qs = sorted({int(i) for i in np.linspace(0, len(ds.queries) - 1, 20)})  # as `rag bench rerank`
     served = _served_candidates(settings, [ds.queries[qi] for qi in qs], collection, fetch_k, quiet)
-    if served is not None:
-        sets = [[(ds.queries[qi], d) for d in docs] for qi, docs in zip(qs, served, strict=True)]
-        source = "the served collection's own candidates (stage 1 in-process)"
-    else:
-        sets = [[(ds.queries[qi], ds.docs[j]) for j in top[qi][:fetch_k]] for qi in qs]
-        source = "Cranfield dense candidates (numpy exact search)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if served is not None:
+            sets = [[(ds.queries[qi], d) for d in docs] for qi, docs in zip(qs, served, strict=True)]
+            source = "the served collection's own candidates (stage 1 in-process)"
+        else:
+            emb = Embedder(settings.embedding_model, dtype="float32", offline=settings.offline)
+            top, _ = dense_candidates(ds, emb, fetch_k, cache_dir=settings.data_dir / "bench", quiet=quiet)
+            sets = [[(ds.queries[qi], ds.docs[j]) for j in top[qi]] for qi in qs]
+            source = "Cranfield dense candidates (numpy exact search)"
+        rr = make_reranker(settings)
     rr.score(sets[0])
     lat, pairs = [], 0
     for ps in sets:
