@@ -8,6 +8,7 @@ the latency budget, degradation and strict mode, and readiness. Fast: no Ray clu
 from __future__ import annotations
 
 import asyncio
+import pickle
 from typing import Any
 
 import numpy as np
@@ -300,6 +301,22 @@ def test_an_overloaded_reranker_is_skipped_at_once_with_its_reason():
     check_error(
         c.post("/v2/rerank", json={"query": "q", "documents": ["a"]}), 503, "overloaded", retry_after=True
     )
+
+
+def test_a_replicas_overloaded_keeps_its_retry_after_through_ray():
+    from ray.exceptions import RayTaskError
+
+    from rag.errors import Overloaded
+
+    cause = pickle.loads(
+        pickle.dumps(Overloaded("the reranker is busy", retry_after_s=7.5))
+    )  # across processes
+    assert cause.retry_after_s == 7.5 and str(cause) == "the reranker is busy"
+    wrapped = RayTaskError("rerank", "Traceback ...", cause).as_instanceof_cause()
+    c, _ = make(reranker={"rerank": raising(wrapped)})
+    r = c.post("/v2/rerank", json={"query": "q", "documents": ["a"]})
+    check_error(r, 503, "overloaded", retry_after=True)
+    assert r.headers["retry-after"] == "8"
 
 
 def test_admission_estimate():
