@@ -1,7 +1,7 @@
 """Where a 100-candidate rerank request spends its time (evidence for docs/BENCHMARKS.md).
 
-    .venv/bin/python bench/profile_rerank.py [--queries 5] [--json]
-    .venv/bin/py-spy record -o results/rerank-pyspy.svg -- .venv/bin/python bench/profile_rerank.py
+    .venv/bin/python -m bench.profile_rerank [--queries 5] [--json]
+    .venv/bin/py-spy record -o results/rerank-pyspy.svg -- .venv/bin/python -m bench.profile_rerank
 
 1. the request's wall time split: tokenize, bf16 screen, fp32 refine, the rest (Python glue);
 2. OpenVINO's own per-operation counters (PERF_COUNT) for the bf16 screen, by operation type, with the dense
@@ -15,14 +15,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -31,8 +27,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    from bench.common import dense_candidates, load_cranfield, load_now, machine_info, matmul_peak
     from rag.accel import pad_batch
-    from rag.benchmarks.common import dense_candidates, load_cranfield, load_now, machine_info, matmul_peak
     from rag.embed import Embedder
     from rag.rerank import make_reranker
     from rag.settings import get_settings

@@ -1,6 +1,6 @@
 """Serve-layer figures on this machine: /search latency at concurrency 1, reranker batching at concurrency C.
 
-    RAG_OFFLINE=1 .venv/bin/python bench/serve_latency.py [--config serve_config.cpu.yaml]
+    RAG_OFFLINE=1 .venv/bin/python -m bench.serve_latency [--config serve_config.cpu.yaml]
         [--collection default] [--n 30] [--concurrency 16] [--rounds 2] [--fetch-k 100] [--top-k 8] [--out F]
 
 Starts its own local Ray and the app from the config (like `rag serve`: the embedded database of RAG_DATA_DIR
@@ -21,14 +21,11 @@ import argparse
 import json
 import socket
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 QUERIES = [
     "how do I parse a date string into a datetime",

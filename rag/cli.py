@@ -339,10 +339,10 @@ def eval_cmd(
 
 def _mount_bench() -> None:
     try:
-        from rag import bench
+        from bench.cli import app as bench_app
     except ImportError:  # benchmarks are optional in a trimmed install
         return
-    app.add_typer(bench.app, name="bench")
+    app.add_typer(bench_app, name="bench")
 
 
 _mount_bench()

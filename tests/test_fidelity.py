@@ -15,7 +15,7 @@ QUERIES = (0, 57, 140)  # spread over the 225
 
 @pytest.fixture(scope="module")
 def slice_pairs(cranfield, embedder):
-    from rag.benchmarks.common import load_cranfield
+    from bench.common import load_cranfield
 
     ds = load_cranfield(cranfield)
     dv = embedder.embed_documents(ds.docs)
@@ -27,7 +27,7 @@ def slice_pairs(cranfield, embedder):
 def test_fast_reranker_matches_fp32_on_cranfield_slice(slice_pairs, reranker):
     from sentence_transformers import CrossEncoder
 
-    from rag.benchmarks.rerank import fidelity_metrics
+    from bench.rerank import fidelity_metrics
 
     seed = CrossEncoder(reranker.resolved.path, device="cpu", max_length=reranker.max_length)  # fp32
     ref = [seed.predict(p, batch_size=32, show_progress_bar=False) for p in slice_pairs]
@@ -39,7 +39,7 @@ def test_fast_reranker_matches_fp32_on_cranfield_slice(slice_pairs, reranker):
 
 
 def test_fidelity_metrics_definitions():
-    from rag.benchmarks.rerank import fidelity_metrics, spearman
+    from bench.rerank import fidelity_metrics, spearman
 
     ref = [np.arange(20.0)]
     swapped = np.arange(20.0)

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.alerts import alerts
-from deployments.dashboards import ALERTS_PATH, DASHBOARD_PATH, DASHBOARD_UID, dashboard, render
-from deployments.grafana import panel_targets
 from deployments.metrics import LATENCY_MS_BUCKETS, METRICS, RAY_SERVE_METRICS, exported_series
-from deployments.promql import metric_names, quantile, series, substitute
+from monitoring.alerts import alerts
+from monitoring.dashboard import ALERTS_PATH, DASHBOARD_PATH, DASHBOARD_UID, dashboard, render
+from monitoring.grafana import panel_targets
+from monitoring.promql import metric_names, quantile, series, substitute
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "monitoring"
@@ -49,8 +49,8 @@ def _promtool(*args: str) -> subprocess.CompletedProcess:
 
 def test_committed_files_equal_generator_output():
     for path, text in render().items():
-        assert path.exists(), f"{path} missing: run .venv/bin/python -m deployments.dashboards"
-        assert path.read_text() == text, f"{path} is stale: run .venv/bin/python -m deployments.dashboards"
+        assert path.exists(), f"{path} missing: run .venv/bin/python -m monitoring.dashboard"
+        assert path.read_text() == text, f"{path} is stale: run .venv/bin/python -m monitoring.dashboard"
 
 
 def test_dashboard_is_a_complete_grafana_model():

@@ -165,8 +165,8 @@ def test_embedder_bf16_stays_close(settings, embedder):
 def test_bench_flops_and_serve_helpers():
     from types import SimpleNamespace
 
-    from rag.benchmarks.rerank import encoder_flops
-    from rag.benchmarks.serve import _check_loopback, _steady_rate, parse_prometheus
+    from bench.rerank import encoder_flops
+    from bench.serve import _check_loopback, _steady_rate, parse_prometheus
 
     cfg = SimpleNamespace(hidden_size=384, intermediate_size=1536, num_hidden_layers=6)
     per_req = encoder_flops(cfg, [222] * 100)

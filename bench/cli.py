@@ -38,7 +38,7 @@ def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
 
 
 def _finish(result: dict[str, Any], as_json: bool, out: Path | None, text: str) -> None:
-    from rag.benchmarks.common import write_json
+    from bench.common import write_json
 
     write_json(result, out)
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else text)
@@ -82,7 +82,7 @@ def rerank(
     GFLOP per request and the fraction of the floor achieved, and fidelity to fp32 over --fidelity-queries
     queries. A full run takes 30-40 min on 2 cores (fp32 references of 225 queries; later runs reuse them).
     """
-    from rag.benchmarks import rerank as rb
+    from bench import rerank as rb
 
     s = _settings(
         rerank_dtype=dtype,
@@ -115,7 +115,7 @@ def ingest(
     On Cranfield (1,400 abstracts): plain SentenceTransformer.encode (fp32) vs Embedder.embed_documents
     (fast path, fp32 and the default dtype), and stage-1 nDCG@10 / recall@100 of
     exact cosine search with each (must stay >= 0.34; fp32 gives about 0.358)."""
-    from rag.benchmarks import ingest as ib
+    from bench import ingest as ib
 
     r = ib.run(_settings(), dataset=dataset, repeats=repeats)
     _finish(r, as_json, out, ib.summary(r))
@@ -146,7 +146,7 @@ def store(
     COPY (rag.store) into a temporary collection, build the HNSW index, then p50/p99 latency and recall@k
     against exact search for each ef_search; reports the smallest ef_search with
     recall >= 0.95. Uses RAG_DATABASE_URL, else the embedded server (started if needed). About 10 minutes."""
-    from rag.benchmarks import store as sb
+    from bench import store as sb
 
     efs = [int(x) for x in ef_search.split(",") if x.strip()]
     r = sb.run(
@@ -197,7 +197,7 @@ def serve(
     Closed-loop httpx + asyncio clients (loopback only): p50/p95/p99 latency, requests/s, errors and the
     reranker batch sizes seen (from Ray's metrics) at each concurrency, the served pairs/s at
     the highest concurrency against the in-process reranker's; saved as JSON and a PNG plot."""
-    from rag.benchmarks import serve as vb
+    from bench import serve as vb
 
     s = _settings()
     levels = [int(x) for x in concurrency.split(",") if x.strip()]

@@ -1,6 +1,6 @@
 """Prometheus alerting rules for the RAG service, as code; imports no ``ray``.
 
-Written to ``monitoring/alerts.yaml`` by ``python -m deployments.dashboards``. Thresholds are module
+Written to ``monitoring/alerts.yaml`` by ``python -m monitoring.dashboard``. Thresholds are module
 constants: the p99 target is the production (GPU reranker) objective; a CPU-only run is slower.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deployments.promql import gauge, quantile, rate
+from monitoring.promql import gauge, quantile, rate
 
 __all__ = ["ERROR_RATIO", "P99_TARGET_MS", "RERANK_ERROR_RATIO", "Alert", "alert_rules", "alerts"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rag.benchmarks.common import (
+from bench.common import (
     dense_candidates,
     load_cranfield,
     load_now,

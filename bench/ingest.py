@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rag.benchmarks.common import load_cranfield, load_now, machine_info, say
+from bench.common import load_cranfield, load_now, machine_info, say
 
 __all__ = ["run", "summary"]
 

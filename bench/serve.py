@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from rag.benchmarks.common import load_now, machine_info, pct, say
+from bench.common import load_now, machine_info, pct, say
 from rag.errors import ConfigError
 
 __all__ = ["parse_prometheus", "run", "summary"]
@@ -237,7 +237,7 @@ def _inprocess(
         }
     import warnings
 
-    from rag.benchmarks.common import dense_candidates, load_cranfield
+    from bench.common import dense_candidates, load_cranfield
     from rag.embed import Embedder
     from rag.rerank import make_reranker
 
@@ -346,7 +346,7 @@ def run(
         else None
     )
     try:
-        from rag.benchmarks.common import load_cranfield
+        from bench.common import load_cranfield
 
         queries = load_cranfield(dataset).queries
     except ConfigError:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rag.benchmarks.common import load_now, machine_info, pct, say
+from bench.common import load_now, machine_info, pct, say
 
 __all__ = ["clustered_vectors", "run", "summary"]
 

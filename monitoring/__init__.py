@@ -1,0 +1,1 @@
+"""Observability as code: the dashboard and alert generators and their generated outputs."""
