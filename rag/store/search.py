@@ -1,0 +1,255 @@
+"""Dense search, with filters, that returns exactly ``k`` rows whenever ``k`` rows match.
+
+One search policy for both stores: ``plan_search`` is a generator that *yields* the statements it needs
+(``Step``) and receives their rows; ``Store`` and ``AsyncStore`` drive it over a sync or async connection.
+Every search runs in one read-only transaction.
+
+Strategies (``SearchHits.strategy``, so callers can report which one ran):
+
+=================== =========================================================================================
+``hnsw``            the HNSW index; ``hnsw.ef_search`` = max(ef_search_min, k, k x factor) (at most 1000),
+                    since pgvector's default of 40 would cap ``LIMIT 100`` at 40 rows
+``hnsw+iterative``  a filtered search on the HNSW index with pgvector 0.8's iterative scan
+                    (``hnsw.iterative_scan = relaxed_order``; the rows are re-sorted by distance), which keeps
+                    scanning the graph until ``k`` rows pass the filter (or ``hnsw.max_scan_tuples``)
+``exact``           an exact scan: asked for (``exact=True``), or what the planner chose for the filtered
+                    query because the filter is selective enough to make it cheaper (a btree / GIN index
+                    scan of the matching rows, then a top-k sort)
+``...->exact``      the index path returned fewer than ``k`` rows (a filter more selective than the
+                    iterative scan's budget, a server without iterative scans, a collection under ``k``
+                    rows): the exact scan ran after it, so the answer still has ``min(k, matches)`` rows
+=================== =========================================================================================
+
+The planner's choice is read with ``EXPLAIN`` before a filtered query runs (an index scan ordered by the
+distance operator is the approximate path). ``plan_cache_mode = force_custom_plan`` keeps every query
+planned with its own filter values, even once psycopg prepares it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from psycopg import sql
+
+from rag.errors import DimensionMismatch, InvalidInput, validate_collection_name
+from rag.store.filters import SearchFilter
+
+__all__ = [
+    "DISTANCES",
+    "MAX_EF_SEARCH",
+    "SearchHits",
+    "Step",
+    "Target",
+    "check_k",
+    "check_vector",
+    "ef_search",
+    "owned_target",
+    "plan_search",
+    "uses_ann_index",
+]
+
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+
+# distance -> (operator, HNSW operator class). dense_score: cosine 1 - d; l2 -d; ip -d (= the inner product).
+DISTANCES: dict[str, tuple[str, str]] = {
+    "cosine": ("<=>", "vector_cosine_ops"),
+    "l2": ("<->", "vector_l2_ops"),
+    "ip": ("<#>", "vector_ip_ops"),
+}
+
+
+class SearchHits(list):  # type: ignore[type-arg]
+    """The search result: a list of hit dicts, best first, plus ``strategy`` (which path ran)."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), strategy: str = "hnsw") -> None:
+        super().__init__(rows)
+        self.strategy = strategy
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (Ray) with its strategy
+        return (SearchHits, (list(self), self.strategy))
+
+    def __repr__(self) -> str:
+        return f"SearchHits({list.__repr__(self)}, strategy={self.strategy!r})"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a collection's rows are and how its columns map onto a hit's keys.
+
+    ``columns`` maps ``id``, ``doc_id``, ``source``, ``chunk_index``, ``content``, ``metadata`` (absent
+    when the table has none) and ``embedding`` to SQL expressions. Owned collections and attached tables
+    both become a ``Target``; search does not care which it has.
+    """
+
+    name: str
+    kind: str  # "owned" | "attached"
+    table: sql.Composable
+    label: str  # the table's name, for messages
+    dim: int
+    distance: str
+    columns: Mapping[str, sql.Composable]
+    not_null: bool = True  # the embedding column is NOT NULL (else NULL rows are filtered out)
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+def owned_target(name: str, dim: int) -> Target:
+    validate_collection_name(name)
+    cols = {c: sql.Identifier(c) for c in ("id", "doc_id", "source", "chunk_index", "content", "metadata")}
+    cols["embedding"] = sql.Identifier("embedding")
+    return Target(
+        name, "owned", sql.Identifier(f"rag_chunks_{name}"), f"rag_chunks_{name}", dim, "cosine", cols
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    query: sql.Composable | str
+    params: Sequence[Any] = ()
+    fetch: bool = True
+
+
+def ef_search(k: int, floor: int, factor: float) -> int:
+    """hnsw.ef_search for a query of ``k``: at least k (else pgvector returns fewer rows), times a margin."""
+    return min(MAX_EF_SEARCH, max(floor, k, int(k * factor)))
+
+
+def check_k(k: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > MAX_EF_SEARCH:
+        raise InvalidInput(f"k must be an integer between 1 and {MAX_EF_SEARCH}, got {k!r}")
+
+
+def check_vector(vec: np.ndarray, dim: int, collection: str) -> np.ndarray:
+    v = np.asarray(vec, dtype=np.float32).reshape(-1)
+    if v.shape[0] != dim:
+        raise DimensionMismatch(
+            f"collection {collection!r} stores {dim}-dimension vectors but got a {v.shape[0]}-dimension "
+            "query vector: query with the embedding model the collection was built with, or ingest into "
+            "another --collection"
+        )
+    return v
+
+
+def _select(t: Target, filt: SearchFilter | None) -> tuple[sql.Composable, list[Any]]:
+    """``SELECT id, doc_id, source, chunk_index, content, metadata, distance ... LIMIT %s`` and its params
+    without the query vector and k: ``[vector, *filter params, k]`` is the full list."""
+    c = t.columns
+    op = sql.SQL(DISTANCES[t.distance][0])
+    meta = c.get("metadata", sql.SQL("'{}'::jsonb"))
+    conds: list[sql.Composable] = []
+    params: list[Any] = []
+    if not t.not_null:
+        conds.append(sql.SQL("{} IS NOT NULL").format(c["embedding"]))
+    if filt is not None:
+        cond, params = filt.to_sql(c)
+        conds.append(cond)
+    where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
+    q = sql.SQL(
+        "SELECT {id} AS id, {doc_id} AS doc_id, coalesce({source}, '') AS source,"
+        " {chunk_index} AS chunk_index, coalesce({content}, '') AS content, {meta} AS metadata,"
+        " {emb} {op} %s AS distance FROM {table}{where} ORDER BY distance LIMIT %s"
+    ).format(
+        id=c["id"],
+        doc_id=c["doc_id"],
+        source=c["source"],
+        chunk_index=c["chunk_index"],
+        content=c["content"],
+        meta=meta,
+        emb=c["embedding"],
+        op=op,
+        table=t.table,
+        where=where,
+    )
+    return q, params
+
+
+def _resorted(inner: sql.Composable) -> sql.Composable:
+    # relaxed_order may return rows slightly out of order; a materialized CTE sorts them exactly.
+    return sql.SQL("WITH hits AS MATERIALIZED ({}) SELECT * FROM hits ORDER BY distance, 1").format(inner)
+
+
+def uses_ann_index(plan: Any) -> bool:
+    """Whether an ``EXPLAIN (FORMAT JSON)`` plan contains an index scan ordered by a distance (HNSW/IVF)."""
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if "Index" in str(node.get("Node Type", "")) and node.get("Order By"):
+                return True
+            stack.extend(v for v in node.values() if isinstance(v, list | dict))
+    return False
+
+
+def _hits(t: Target, rows: Sequence[Sequence[Any]], strategy: str) -> SearchHits:
+    if t.distance == "cosine":
+
+        def score(d: float) -> float:
+            return 1.0 - d
+    else:
+
+        def score(d: float) -> float:
+            return -d
+
+    return SearchHits(
+        (
+            {
+                "id": r[0],
+                "doc_id": r[1],
+                "source": r[2],
+                "chunk_index": r[3],
+                "content": r[4],
+                "metadata": r[5] or {},
+                "dense_score": score(float(r[6])),
+            }
+            for r in rows
+        ),
+        strategy,
+    )
+
+
+def plan_search(
+    t: Target,
+    vector: np.ndarray,
+    k: int,
+    filt: SearchFilter | None,
+    *,
+    exact: bool,
+    ef: int,
+    iterative: bool,
+) -> Generator[Step, Any, SearchHits]:
+    """The search policy (see the module docstring); send each step's rows (``None`` for non-fetching)."""
+    query, fparams = _select(t, filt)
+    params = [vector, *fparams, k]
+    yield Step("SET TRANSACTION READ ONLY", fetch=False)
+    if filt is not None and not iterative:
+        ef = MAX_EF_SEARCH  # post-filtering: as many candidates as pgvector allows
+    settings = [("hnsw.ef_search", str(ef)), ("plan_cache_mode", "force_custom_plan")]
+    if filt is not None and iterative:
+        settings.append(("hnsw.iterative_scan", "relaxed_order"))
+    set_sql = sql.SQL("SELECT ") + sql.SQL(", ").join(
+        sql.SQL("set_config({}, {}, true)").format(sql.Literal(n), sql.Literal(v)) for n, v in settings
+    )
+    yield Step(set_sql)
+    if exact:
+        yield Step("SET LOCAL enable_indexscan = off", fetch=False)
+        rows = yield Step(query, params)
+        return _hits(t, rows, "exact")
+    if filt is None:
+        rows = yield Step(query, params)
+        strategy = "hnsw"
+    else:
+        full = _resorted(query) if iterative else query
+        plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + full, params)
+        rows = yield Step(full, params)
+        if not uses_ann_index(plan[0][0] if plan else None):
+            return _hits(t, rows, "exact")  # the planner chose the exact scan: complete by construction
+        strategy = "hnsw+iterative" if iterative else "hnsw"
+    if len(rows) >= k:
+        return _hits(t, rows, strategy)
+    yield Step("SET LOCAL enable_indexscan = off", fetch=False)
+    rows = yield Step(query, params)
+    return _hits(t, rows, strategy + "->exact")
