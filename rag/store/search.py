@@ -11,7 +11,8 @@ Strategies (``SearchHits.strategy``, so callers can report which one ran):
                     since pgvector's default of 40 would cap ``LIMIT 100`` at 40 rows
 ``hnsw+iterative``  a filtered search on the HNSW index with pgvector 0.8's iterative scan
                     (``hnsw.iterative_scan = relaxed_order``; the rows are re-sorted by distance), which keeps
-                    scanning the graph until ``k`` rows pass the filter (or ``hnsw.max_scan_tuples``)
+                    scanning the graph until ``k`` rows pass the filter (or ``hnsw.max_scan_tuples``);
+                    ef_search is multiplied by ``filtered_ef_factor`` (default 2) for the recall it loses
 ``exact``           an exact scan: asked for (``exact=True``), or what the planner chose for the filtered
                     query because the filter is selective enough to make it cheaper (a btree / GIN index
                     scan of the matching rows, then a top-k sort)
@@ -111,9 +112,10 @@ class Step:
     fetch: bool = True
 
 
-def ef_search(k: int, floor: int, factor: float) -> int:
-    """hnsw.ef_search for a query of ``k``: at least k (else pgvector returns fewer rows), times a margin."""
-    return min(MAX_EF_SEARCH, max(floor, k, int(k * factor)))
+def ef_search(k: int, floor: int, factor: float, filtered_factor: float = 1.0) -> int:
+    """hnsw.ef_search for a query of ``k``: at least k (else pgvector returns fewer rows), times a margin;
+    times ``filtered_factor`` for a filtered query (an iterative scan loses recall at the same ef)."""
+    return min(MAX_EF_SEARCH, int(max(floor, k, int(k * factor)) * filtered_factor))
 
 
 def check_k(k: int) -> None:

@@ -33,6 +33,7 @@ class Store(OwnedCollections, AttachedTables):
         timeout_s: float = 5.0,
         ef_search_min: int = 40,
         ef_search_factor: float = 1.5,
+        filtered_ef_factor: float = 2.0,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
     ) -> None:
@@ -41,6 +42,7 @@ class Store(OwnedCollections, AttachedTables):
         self.url = url
         self.ef_search_min = ef_search_min
         self.ef_search_factor = ef_search_factor
+        self.filtered_ef_factor = filtered_ef_factor
         self.hnsw_m = hnsw_m
         self.hnsw_ef_construction = hnsw_ef_construction
         self._targets: dict[str, Target] = {}
@@ -166,7 +168,12 @@ class Store(OwnedCollections, AttachedTables):
             k,
             filt,
             exact=exact,
-            ef=ef_search(k, self.ef_search_min, self.ef_search_factor),
+            ef=ef_search(
+                k,
+                self.ef_search_min,
+                self.ef_search_factor,
+                self.filtered_ef_factor if filt is not None else 1.0,
+            ),
             iterative=self._iterative(),
         )
         with self.connection() as conn, conn.transaction():
