@@ -40,6 +40,12 @@ class SearchRequest(BaseModel):
         None, gt=0, description="Latency budget; reranking is skipped when it cannot fit (reason 'budget')."
     )
     collection: StrictStr | None = Field(None, description="Collection to search (default: the service's).")
+    filter: dict[str, Any] | None = Field(
+        None,
+        description="Narrow stage 1: {source: str | {in: [...]} | {prefix: str}, doc_id: str | {in: [...]}, "
+        "metadata: {...} (containment)}; keys combine with AND.",
+        examples=[{"source": {"prefix": "docs/"}, "metadata": {"lang": "en"}}],
+    )
 
 
 class Hit(BaseModel):
@@ -77,7 +83,9 @@ class SearchResponse(BaseModel):
     collection: str
     results: list[Hit]
     candidates: int = Field(description="Stage-1 candidates that were (or would have been) reranked.")
-    timings_ms: dict[str, float] = Field(description="embed, retrieve, rerank, total (milliseconds).")
+    timings_ms: dict[str, float | str] = Field(
+        description="embed, retrieve, rerank, total (milliseconds); strategy: the stage-1 search plan."
+    )
     reranker: RerankerInfo
 
 

@@ -1,9 +1,10 @@
-"""What the ingress does between HTTP and the other deployments: stage calls, latency budget, degradation.
+"""What the ingress does between HTTP and the other deployments: handle calls, timeouts, Ray's failures.
 
-Kept apart from the FastAPI routes so it can be driven with fake handles in tests. Every handle call goes
-through ``SearchService.call``: it has a timeout, cancels the request when the timeout fires, and turns Ray's
-own failures (queue full, replica gone, timeout) into ``rag.errors`` types that the ingress's one error table
-maps to HTTP statuses.
+The search policy itself (validation, stage 1, rerank or degrade, ranking) is ``rag.search``'s; this module
+only performs its stage calls through DeploymentHandles. Every handle call goes through
+``SearchService.call``: it has a timeout, cancels the request when the timeout fires, and turns Ray's own
+failures (queue full, replica gone, timeout) into ``rag.errors`` types that the ingress's one error table
+maps to HTTP statuses. Kept apart from the FastAPI routes so it can be driven with fake handles in tests.
 """
 
 from __future__ import annotations
@@ -11,34 +12,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import platform
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from deployments import metrics
-from deployments._args import IngressArgs
-from rag.errors import InvalidInput, Overloaded, RagError, validate_collection_name
-from rag.pipeline import validate_query, validate_search
-from rag.rerank import rank
+from ray.serve.handle import DeploymentHandle
 
-__all__ = ["LatencyModel", "SearchService", "StageTimeout", "StageUnavailable"]
+from deployments import metrics
+from rag.errors import Overloaded, RagError, StageTimeout, StageUnavailable
+from rag.search import (
+    Dense,
+    Embed,
+    LatencyModel,
+    Rerank,
+    Retrieve,
+    SearchRequest,
+    SearchResult,
+    Step,
+    make_request,
+    run_async,
+    two_stage,
+)
+from rag.settings import SearchConfig
+from rag.validation import validate_documents, validate_query, validate_texts
+
+__all__ = ["SKIP_REASONS_COUNTED", "SearchService", "as_rag_error", "logit"]
 
 log = logging.getLogger("ray.serve")
 
 SKIP_REASONS_COUNTED = ("budget", "overloaded", "reranker_error", "disabled")
-
-
-class StageTimeout(Overloaded):
-    """A deployment did not answer within its timeout (503, retry)."""
-
-    error_type = "timeout"
-
-
-class StageUnavailable(Overloaded):
-    """A deployment has no live replica (503, retry)."""
-
-    error_type = "unavailable"
+UNKNOWN_RERANKER = {"model": None, "backend": None, "device": None, "dtype": None, "trained": None}
 
 
 def as_rag_error(stage: str, err: BaseException, timeout_s: float) -> BaseException:
@@ -74,63 +78,18 @@ def as_rag_error(stage: str, err: BaseException, timeout_s: float) -> BaseExcept
     return err  # a bug: the error table answers 500
 
 
-@dataclass
-class LatencyModel:
-    """The reranker's recent latency per pair (EWMA), as the ingress sees it (queueing included).
-
-    With no observation for ``probe_after_s`` the estimate is considered stale and one request is let through
-    to refresh it, so a burst of budget skips cannot freeze the estimate forever.
-    """
-
-    alpha: float = 0.3
-    probe_after_s: float = 5.0
-    ms_per_pair: float | None = None
-    last_update: float = field(default=0.0)
-
-    def observe(self, ms: float, pairs: int) -> None:
-        x = ms / max(1, pairs)
-        self.ms_per_pair = (
-            x if self.ms_per_pair is None else self.alpha * x + (1 - self.alpha) * self.ms_per_pair
-        )
-        self.last_update = time.monotonic()
-
-    def estimate_ms(self, pairs: int) -> float | None:
-        if self.ms_per_pair is None or time.monotonic() - self.last_update > self.probe_after_s:
-            return None
-        return self.ms_per_pair * pairs
-
-
-@dataclass
-class SearchParams:
-    query: str
-    fetch_k: int
-    top_k: int
-    rerank: bool
-    budget_ms: float | None
-    collection: str
-
-
-@dataclass
-class Stage1:
-    params: SearchParams
-    candidates: list[dict[str, Any]]
-    timings: dict[str, float]
-    started: float
-
-
-@dataclass
-class Stage2:
-    hits: list[dict[str, Any]]
-    reranker: dict[str, Any]
-    rerank_ms: float
-
-
 class SearchService:
-    """The ingress's logic. ``embedder``/``retriever``/``reranker`` are DeploymentHandles (or fakes)."""
+    """The ingress's logic over three DeploymentHandles (or fakes with the same methods)."""
 
-    def __init__(self, embedder: Any, retriever: Any, reranker: Any, args: IngressArgs) -> None:
+    def __init__(
+        self,
+        embedder: DeploymentHandle,
+        retriever: DeploymentHandle,
+        reranker: DeploymentHandle,
+        config: SearchConfig,
+    ) -> None:
         self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
-        self.args = args
+        self.config: Any = config
         self.latency = LatencyModel()
         self._reranker_info: dict[str, Any] | None = None
         self._reranker_info_at = 0.0
@@ -165,141 +124,81 @@ class SearchService:
                 raise
             raise err from e
 
-    # -- validation --------------------------------------------------------------------------------
-    def check_query(self, query: str) -> str:
-        validate_query(query)
-        if len(query) > self.args.max_query_chars:
-            raise InvalidInput(
-                f"query is {len(query)} characters long; the limit is {self.args.max_query_chars}: shorten it"
+    async def do(self, step: Step) -> Any:
+        """Perform one stage call of the policy through its deployment."""
+        c = self.config
+        if isinstance(step, Embed):
+            return await self.call("embed", self.embedder.embed.remote(step.query), c.embed_timeout_s)
+        if isinstance(step, Retrieve):
+            args = (step.collection, step.vector, step.k) + (
+                (step.filter,) if step.filter is not None else ()
             )
-        return query
+            return await self.call("retrieve", self.retriever.search.remote(*args), c.retrieve_timeout_s)
+        if isinstance(step, Rerank):
+            timeout_s = step.timeout_s if step.timeout_s is not None else c.rerank_wait_s
+            response = self.reranker.rerank.remote(step.query, step.documents, deadline_s=timeout_s)
+            return await self.call("rerank", response, timeout_s, timeout_is_error=not step.budget_bound)
+        raise TypeError(f"unknown step {step!r}")
 
-    def search_params(
-        self,
-        query: str,
-        fetch_k: int | None,
-        top_k: int | None,
-        rerank: bool,
-        budget_ms: float | None,
-        collection: str | None,
-    ) -> SearchParams:
-        a = self.args
-        fetch_k = a.fetch_k if fetch_k is None else fetch_k
-        top_k = a.top_k if top_k is None else top_k
-        self.check_query(query)
-        validate_search(query, fetch_k, top_k, a.max_fetch_k)
-        coll = validate_collection_name(collection) if collection is not None else a.collection
-        return SearchParams(
-            query, fetch_k, top_k, rerank, budget_ms if budget_ms is not None else a.budget_ms, coll
-        )
+    # -- /search -----------------------------------------------------------------------------------
+    def search_request(self, **kw: Any) -> SearchRequest:
+        """A validated request (InvalidInput -> 422 before any stage runs)."""
+        flt = kw.pop("filter", None)
+        if flt is not None:
+            from rag.store import parse_filter
 
-    def check_documents(self, documents: list[Any], field: str = "documents") -> None:
-        if not documents:
-            raise InvalidInput(f"{field} must contain at least one document")
-        if len(documents) > self.args.max_documents:
-            raise InvalidInput(
-                f"{len(documents)} {field}; at most {self.args.max_documents} per request: send fewer, "
-                "or split them over several requests"
-            )
+            flt = parse_filter(flt)
+        return make_request(self.config, kw.pop("query"), filter=flt, **kw)
 
-    # -- stages ------------------------------------------------------------------------------------
-    async def stage1(self, p: SearchParams) -> Stage1:
-        a = self.args
-        t0 = time.perf_counter()
-        vec = await self.call("embed", self.embedder.embed.remote(p.query), a.embed_timeout_s)
-        t1 = time.perf_counter()
-        candidates = await self.call(
-            "retrieve", self.retriever.search.remote(p.collection, vec, p.fetch_k), a.retrieve_timeout_s
-        )
-        t2 = time.perf_counter()
-        timings = {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}
-        _observe("embed", timings["embed"])
-        _observe("retrieve", timings["retrieve"])
-        metrics.get("rag_candidates_per_request").observe(len(candidates))
-        return Stage1(p, candidates, timings, t0)
-
-    async def stage2(self, s1: Stage1) -> Stage2:
-        """Rerank, or the dense order with the reason why not (never raises unless strict_rerank)."""
-        p, cands = s1.params, s1.candidates
+    async def search(
+        self, req: SearchRequest, on_dense: Callable[[Dense], Awaitable[None]] | None = None
+    ) -> dict[str, Any]:
         info = await self.reranker_info()
-        dense = [{**c, "score": c["dense_score"]} for c in cands[: p.top_k]]
+        policy = two_stage(
+            req,
+            reranker_enabled=info.get("backend") != "none",
+            rerank_timeout_s=self.config.rerank_wait_s,
+            strict=self.config.strict_rerank,
+            latency=self.latency,
+        )
+        res = await run_async(policy, self.do, on_dense)
+        self._record(res)
+        return self.response(req, res, info)
 
-        def skip(reason: str, detail: str | None = None) -> Stage2:
-            if reason in SKIP_REASONS_COUNTED:
-                metrics.get("rag_rerank_skipped_total").inc(tags={"reason": reason})
-            return Stage2(dense, {**info, "reranked": False, "reason": reason, "detail": detail}, 0.0)
+    def _record(self, res: SearchResult) -> None:
+        t = res.timings_ms
+        for stage in ("embed", "retrieve"):
+            _observe(stage, t[stage])
+        metrics.get("rag_candidates_per_request").observe(len(res.candidates))
+        if res.reranked:
+            _observe("rerank", t["rerank"])
+        elif res.reason in SKIP_REASONS_COUNTED:
+            metrics.get("rag_rerank_skipped_total").inc(tags={"reason": res.reason})
+        if res.reason == "reranker_error":
+            log.warning("rerank failed, answering in dense order: %s", res.detail)
+        _observe("total", t["total"])
 
-        if not p.rerank:
-            return skip("not_requested")
-        if info.get("backend") == "none":
-            return skip("disabled")
-        if not cands:
-            return skip("no_candidates")
-        timeout_s, budget_bound = self.args.rerank_timeout_s, False
-        if p.budget_ms is not None:
-            remaining_ms = p.budget_ms - (time.perf_counter() - s1.started) * 1e3
-            estimate = self.latency.estimate_ms(len(cands))
-            if remaining_ms <= 0 or (estimate is not None and estimate > remaining_ms):
-                return skip(
-                    "budget", f"remaining {remaining_ms:.0f} ms, reranking needs ~{estimate or 0:.0f} ms"
-                )
-            if remaining_ms / 1e3 < timeout_s:
-                timeout_s, budget_bound = remaining_ms / 1e3, True
-        t0 = time.perf_counter()
-        try:
-            scores = await self.call(
-                "rerank",
-                self.reranker.rerank.remote(p.query, [c["content"] for c in cands], deadline_s=timeout_s),
-                timeout_s,
-                timeout_is_error=not budget_bound,  # running out of budget is a skip, not an error
-            )
-            hits = rank(cands, scores, p.top_k)
-        except Exception as e:
-            ms = (time.perf_counter() - t0) * 1e3
-            if isinstance(e, StageTimeout) and budget_bound:
-                self.latency.observe(ms, len(cands))  # a lower bound: the estimate learns it was too slow
-                return skip(
-                    "budget", f"reranking did not finish within the remaining {timeout_s * 1e3:.0f} ms"
-                )
-            if self.args.strict_rerank:
-                raise
-            if type(e) is Overloaded:  # refused at once (the reranker's admission, or Ray's queue limit)
-                return skip("overloaded", str(e))
-            log.warning("rerank failed, answering in dense order: %s", e)
-            return skip("reranker_error", f"{type(e).__name__}: {e}")
-        ms = (time.perf_counter() - t0) * 1e3
-        self.latency.observe(ms, len(cands))
-        _observe("rerank", ms)
-        return Stage2(hits, {**info, "reranked": True, "reason": None, "detail": None}, ms)
-
-    async def search(self, p: SearchParams) -> dict[str, Any]:
-        s1 = await self.stage1(p)
-        s2 = await self.stage2(s1)
-        return self.search_response(s1, s2)
-
-    def search_response(self, s1: Stage1, s2: Stage2) -> dict[str, Any]:
-        total = (time.perf_counter() - s1.started) * 1e3
-        _observe("total", total)
+    @staticmethod
+    def response(req: SearchRequest, res: SearchResult, info: dict[str, Any]) -> dict[str, Any]:
+        timings: dict[str, Any] = {k: round(v, 3) for k, v in res.timings_ms.items()}
+        if res.strategy:
+            timings["strategy"] = res.strategy
         return {
-            "query": s1.params.query,
-            "collection": s1.params.collection,
-            "results": s2.hits,
-            "candidates": len(s1.candidates),
-            "timings_ms": {
-                **{k: round(v, 3) for k, v in s1.timings.items()},
-                "rerank": round(s2.rerank_ms, 3),
-                "total": round(total, 3),
-            },
-            "reranker": s2.reranker,
+            "query": req.query,
+            "collection": req.collection,
+            "results": res.hits,
+            "candidates": len(res.candidates),
+            "timings_ms": timings,
+            "reranker": {**info, "reranked": res.reranked, "reason": res.reason, "detail": res.detail},
         }
 
     # -- other routes ------------------------------------------------------------------------------
     async def rerank_scores(self, query: str, documents: list[str]) -> list[float]:
-        """Scores for /v2/rerank and /rerank (errors are not degraded here: there is no dense order)."""
-        self.check_query(query)
-        self.check_documents(documents)
+        """Scores for the rerank routes (errors are not degraded here: there is no dense order)."""
+        validate_query(query, max_chars=self.config.max_query_chars)
+        validate_documents(documents, limit=self.config.documents_limit)
         t0 = time.perf_counter()
-        timeout_s = self.args.rerank_timeout_s
+        timeout_s = self.config.rerank_wait_s
         scores = await self.call(
             "rerank", self.reranker.rerank.remote(query, documents, deadline_s=timeout_s), timeout_s
         )
@@ -309,14 +208,10 @@ class SearchService:
         return scores
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        if not texts:
-            raise InvalidInput("inputs must contain at least one text")
-        if len(texts) > self.args.max_embed_inputs:
-            raise InvalidInput(f"{len(texts)} inputs; at most {self.args.max_embed_inputs} per request")
-        for t in texts:
-            self.check_query(t)
+        c = self.config
+        validate_texts(texts, limit=c.max_embed_inputs, max_chars=c.max_query_chars)
         t0 = time.perf_counter()
-        vecs = await self.call("embed", self.embedder.embed_many.remote(texts), self.args.embed_timeout_s)
+        vecs = await self.call("embed", self.embedder.embed_many.remote(texts), c.embed_timeout_s)
         _observe("embed", (time.perf_counter() - t0) * 1e3)
         return [[float(x) for x in v] for v in vecs]
 
@@ -324,20 +219,51 @@ class SearchService:
         """What the Reranker runs (cached; refreshed every ``max_age_s`` in case it was redeployed)."""
         if self._reranker_info is None or time.monotonic() - self._reranker_info_at > max_age_s:
             try:
-                self._reranker_info = await self.call(
-                    "rerank", self.reranker.info.remote(), self.args.ready_timeout_s
-                )
+                info = await self.call("rerank", self.reranker.info.remote(), self.config.ready_timeout_s)
+                self._reranker_info = {k: v for k, v in info.items() if k not in ("config", "user_config")}
                 self._reranker_info_at = time.monotonic()
             except Exception as e:
                 log.warning("could not get the reranker's info: %s", e)
                 if self._reranker_info is not None:
                     return dict(self._reranker_info)
-                return {"model": None, "backend": None, "device": None, "dtype": None, "trained": None}
+                return dict(UNKNOWN_RERANKER)
         return dict(self._reranker_info)
+
+    async def info(self) -> dict[str, Any]:
+        """GET /info: the effective configuration of every stage, as its replica holds it; no secrets."""
+        t = self.config.ready_timeout_s
+        calls = {
+            "embedder": self.call("embed", self.embedder.info.remote(), t, count_errors=False),
+            "store": self.call("retrieve", self.retriever.info.remote(), t, count_errors=False),
+            "reranker": self.call("rerank", self.reranker.info.remote(), t, count_errors=False),
+        }
+        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        stages: dict[str, Any] = {"search": {"config": self.config.public(), **self._limits()}}
+        for name, r in zip(calls, results, strict=True):
+            stages[name] = {"error": str(r)} if isinstance(r, BaseException) else r
+        return {"service": _versions(), "stages": stages}
+
+    def _limits(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "limits": {
+                "max_fetch_k": c.max_fetch_k,
+                "max_documents": c.documents_limit,
+                "max_query_chars": c.max_query_chars,
+                "max_embed_inputs": c.max_embed_inputs,
+                "max_body_bytes": c.max_body_bytes,
+            },
+            "timeouts_s": {
+                "embed": c.embed_timeout_s,
+                "retrieve": c.retrieve_timeout_s,
+                "rerank": c.rerank_wait_s,
+                "ready": c.ready_timeout_s,
+            },
+        }
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         """(all ready, per-component detail or error)."""
-        t = self.args.ready_timeout_s
+        t = self.config.ready_timeout_s
         checks: dict[str, Awaitable[Any]] = {
             "embedder": self.call("embed", self.embedder.ready.remote(), t, count_errors=False),
             "reranker": self.call("rerank", self.reranker.ready.remote(), t, count_errors=False),
@@ -356,6 +282,26 @@ class SearchService:
             else:
                 out[name] = {"ready": True, **r}
         return ok, out
+
+
+def _versions() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "name": "rag-serve",
+        "version": ver("rag-serve"),
+        "ray": ver("ray"),
+        "torch": ver("torch"),
+        "sentence_transformers": ver("sentence-transformers"),
+        "openvino": ver("openvino"),
+        "python": platform.python_version(),
+    }
 
 
 def _observe(stage: str, ms: float) -> None:

@@ -2,10 +2,10 @@
 
     applications:
       - import_path: deployments.app:build_app
-        args: {collection: default, rerank_dtype: auto}     # any AppArgs field; the rest come from Settings
+        args: {collection: default, rerank_dtype: auto}     # any Settings field; the rest from RAG_* env
 
-Each deployment is bound with only its slice of the arguments. Deployment options (replicas, autoscaling,
-``user_config``, ``ray_actor_options``) come from the config file's ``deployments:`` list.
+Each deployment is bound with only its slice of the settings (``Settings.slice``). Deployment options
+(replicas, autoscaling, ``user_config``, ``ray_actor_options``) come from the config file's ``deployments:``.
 """
 
 # No `from __future__ import annotations` here: Serve inspects build_app's annotation to validate the args
@@ -23,19 +23,19 @@ __all__ = ["AppArgs", "build_app"]
 
 
 def build_app(args: AppArgs) -> Application:
-    """Ingress(Embedder, Retriever, Reranker), each with the slice of ``args`` it needs."""
+    """Ingress(Embedder, Retriever, Reranker), each with the slice of the settings it needs."""
     if isinstance(args, dict):  # called directly from Python rather than by Serve
         args = AppArgs.model_validate(args)
-    url = args.database_url
+    s = args
+    url = s.database_url
     if url is None:
         from rag.db import database_url
-        from rag.settings import Settings
 
         # The embedded server of data_dir, if it is running; a clear StoreUnavailable otherwise.
-        url = database_url(Settings(data_dir=args.data_dir), start=False)
+        url = database_url(s, start=False)
     return Ingress.bind(
-        Embedder.bind(args.embedder_args()),
-        Retriever.bind(args.retriever_args(url)),
-        Reranker.bind(args.reranker_args()),
-        args.ingress_args(),
+        Embedder.bind(s.slice("embedder")),
+        Retriever.bind(s.slice("store", database_url=url)),
+        Reranker.bind(s.slice("reranker")),
+        s.slice("search"),
     )

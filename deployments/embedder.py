@@ -10,8 +10,10 @@ import numpy as np
 from ray import serve
 
 from deployments import metrics
-from deployments._args import EmbedderArgs, EmbedderUserConfig
-from rag.errors import InvalidInput
+from deployments._args import EmbedderUserConfig
+from rag.embed import make_embedder
+from rag.settings import EmbedderConfig
+from rag.validation import validate_query
 
 __all__ = ["Embedder"]
 
@@ -23,15 +25,13 @@ MAX_CONCURRENT_BATCHES = 1  # config rule: max_ongoing_requests >= max_batch_siz
 
 @serve.deployment(name="Embedder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class Embedder:
-    """Wraps ``rag.embed.Embedder``; one forward pass per batch of queued queries."""
+    """Wraps ``rag.embed.Embedder`` (built by ``make_embedder``); one forward pass per batch of queries."""
 
-    def __init__(self, args: EmbedderArgs) -> None:
-        from rag.embed import Embedder as CoreEmbedder
-
-        self.embedder = CoreEmbedder(
-            args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, offline=args.offline
-        )
+    def __init__(self, config: EmbedderConfig) -> None:
+        self.config = config
+        self.embedder = make_embedder(config)
         self._info = self.embedder.info()
+        self._cfg = _DEFAULTS
         metrics.get("rag_model_info").set(
             1,
             tags={
@@ -48,21 +48,30 @@ class Embedder:
         cfg = EmbedderUserConfig.model_validate(user_config or {})
         self.embed_batch.set_max_batch_size(cfg.max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._cfg = cfg
         log.info("embedder user_config: %s", cfg.model_dump())
 
     async def embed(self, query: str) -> np.ndarray:
         """The L2-normalised embedding of one query (float32)."""
-        _check(query)
+        validate_query(query)
         return await self.embed_batch(query)
 
     async def embed_many(self, texts: list[str]) -> list[np.ndarray]:
         """Embeddings of several texts; each joins the same batch queue."""
-        for t in texts:
-            _check(t)
+        for i, t in enumerate(texts):
+            validate_query(t, f"inputs[{i}]")
         return list(await asyncio.gather(*(self.embed_batch(t) for t in texts)))
 
     def info(self) -> dict[str, Any]:
-        return dict(self._info)
+        """What this replica runs and the configuration it was given (GET /info)."""
+        return {
+            **self._info,
+            "threads": getattr(self.embedder, "threads", None),
+            "token_budget": getattr(self.embedder, "token_budget", None),
+            "user_config": self._cfg.model_dump(),
+            "max_concurrent_batches": MAX_CONCURRENT_BATCHES,
+            "config": self.config.public(),
+        }
 
     def ready(self) -> dict[str, Any]:
         return dict(self._info)
@@ -75,8 +84,3 @@ class Embedder:
     async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
         vecs = await asyncio.to_thread(self.embedder.embed_queries, texts)
         return list(vecs)
-
-
-def _check(text: object) -> None:
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInput("query must be a non-empty string (got an empty or whitespace-only text)")

@@ -1,11 +1,14 @@
 """Ingress deployment: the HTTP API (FastAPI, OpenAPI at ``/docs``) over the Embedder, Retriever and Reranker.
 
 Routes: ``POST /search``, ``POST /search/stream`` (SSE), ``POST /v2/rerank`` (Cohere v2; ``/v1/rerank`` for
-Cohere v1 clients), ``POST /rerank`` (TEI), ``POST /embed`` (TEI), ``GET /healthz``, ``GET /readyz``.
+Cohere v1 clients), ``POST /rerank`` (TEI), ``POST /embed`` (TEI), ``GET /healthz``, ``GET /readyz``,
+``GET /info`` (the effective configuration of every stage).
 
 Errors: routes raise; ``ERROR_TABLE`` below is the one place that maps an exception type to an HTTP status.
 """
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -17,10 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import metrics
-from deployments._args import IngressArgs
 from deployments._schemas import (
     CohereRerankRequest,
     CohereRerankResponse,
@@ -33,15 +36,21 @@ from deployments._schemas import (
     TEIRerankRequest,
 )
 from deployments._service import SearchService, logit
-from rag.errors import ConfigError, InvalidInput, ModelError, Overloaded, RagError, StoreUnavailable
+from rag.errors import (
+    BodyTooLarge,
+    ConfigError,
+    InvalidInput,
+    ModelError,
+    RagError,
+    Retryable,
+    StoreUnavailable,
+)
+from rag.search import Dense
+from rag.settings import SearchConfig
 
-__all__ = ["ERROR_TABLE", "BodyTooLarge", "Ingress", "create_app", "error_response"]
+__all__ = ["ERROR_TABLE", "Ingress", "create_app", "error_response"]
 
 log = logging.getLogger("ray.serve")
-
-
-class BodyTooLarge(InvalidInput):
-    error_type = "body_too_large"
 
 
 # The one exception -> HTTP status table. First matching row wins (isinstance); the third column says whether
@@ -50,7 +59,7 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int | None, bool], ...] = (
     (RequestValidationError, 422, False),  # wrong JSON types, missing fields, non-string documents
     (InvalidInput, 422, False),  # bad values: empty query, k out of range, too many documents, big body,
     #                              unknown collection (CollectionError), wrong dimension (DimensionMismatch)
-    (Overloaded, 503, True),  # queue full (Ray BackPressureError), stage timeout, no live replica
+    (Retryable, 503, True),  # Overloaded (queue full, admission), StageTimeout, StageUnavailable
     (StoreUnavailable, 503, True),  # database unreachable
     (ModelError, 503, True),  # model failure, incl. RerankerError on /v2/rerank, /rerank, strict /search
     (ConfigError, 500, False),  # the server is misconfigured (e.g. cohere backend without a key)
@@ -68,6 +77,7 @@ _KNOWN_ROUTES = frozenset(
         "/embed",
         "/healthz",
         "/readyz",
+        "/info",
         "/docs",
         "/openapi.json",
     }
@@ -208,43 +218,57 @@ def create_app(service: SearchService) -> FastAPI:
     )
     for exc_type, _, _ in ERROR_TABLE:
         app.add_exception_handler(exc_type, _handle)
-    app.add_middleware(_Guard, max_body_bytes=service.args.max_body_bytes)
+    app.add_middleware(_Guard, max_body_bytes=service.config.max_body_bytes)
+
+    def _request(req: SearchRequest) -> Any:
+        return service.search_request(
+            query=req.query,
+            fetch_k=req.fetch_k,
+            top_k=req.top_k,
+            rerank=req.rerank,
+            budget_ms=req.budget_ms,
+            collection=req.collection,
+            filter=req.filter,
+        )
 
     @app.post("/search", response_model=SearchResponse, responses=_ERRORS)
     async def search(req: SearchRequest) -> dict[str, Any]:
         """Both stages: `fetch_k` dense candidates, reranked, best `top_k`; per-stage timings."""
-        p = service.search_params(
-            req.query, req.fetch_k, req.top_k, req.rerank, req.budget_ms, req.collection
-        )
-        return await service.search(p)
+        return await service.search(_request(req))
 
     @app.post("/search/stream", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS})
     async def search_stream(req: SearchRequest) -> StreamingResponse:
         """Server-Sent Events: `dense` (stage-1 top_k) as soon as it is known, `reranked`, then `done`."""
-        p = service.search_params(
-            req.query, req.fetch_k, req.top_k, req.rerank, req.budget_ms, req.collection
-        )
-        s1 = await service.stage1(p)  # errors before the stream starts get their proper status
+        r = _request(req)
+        dense: asyncio.Future[Dense] = asyncio.get_running_loop().create_future()
+
+        async def on_dense(d: Dense) -> None:
+            dense.set_result(d)
+
+        task = asyncio.create_task(service.search(r, on_dense))
+        await asyncio.wait({task, dense}, return_when=asyncio.FIRST_COMPLETED)
+        if not dense.done():  # stage 1 failed: the error gets its proper status, before any event
+            dense.cancel()
+            return task.result()  # raises
+        d = dense.result()
 
         async def events() -> AsyncIterator[str]:
-            dense = [{**c, "score": c["dense_score"]} for c in s1.candidates[: p.top_k]]
-            yield _sse(
-                "dense",
-                {
-                    "results": dense,
-                    "candidates": len(s1.candidates),
-                    "timings_ms": {k: round(v, 3) for k, v in s1.timings.items()},
-                },
-            )
+            timings = {k: round(v, 3) for k, v in d.timings_ms.items() if k != "rerank"}
             try:
-                s2 = await service.stage2(s1)
-            except Exception as e:  # strict_rerank: report in-band, the status line is already sent
-                resp = error_response(e)
-                yield _sse("error", json.loads(bytes(resp.body)))
-                return
-            out = service.search_response(s1, s2)
-            yield _sse("reranked", {"results": out["results"], "reranker": out["reranker"]})
-            yield _sse("done", {"timings_ms": out["timings_ms"], "candidates": out["candidates"]})
+                yield _sse("dense", {"results": d.hits, "candidates": d.candidates, "timings_ms": timings})
+                try:
+                    out = await task
+                except Exception as e:  # strict_rerank: report in-band, the status line is already sent
+                    resp = error_response(e)
+                    yield _sse("error", json.loads(bytes(resp.body)))
+                    return
+                yield _sse("reranked", {"results": out["results"], "reranker": out["reranker"]})
+                yield _sse("done", {"timings_ms": out["timings_ms"], "candidates": out["candidates"]})
+            finally:
+                if not task.done():  # the client went away: stop waiting for stage 2
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
 
         return StreamingResponse(
             events(),
@@ -275,8 +299,9 @@ def create_app(service: SearchService) -> FastAPI:
     async def _cohere(
         query: str, documents: list[str], top_n: int | None, return_docs: list[str] | None
     ) -> dict[str, Any]:
-        if top_n is not None and not 1 <= top_n <= service.args.max_documents:
-            raise InvalidInput(f"top_n must be between 1 and {service.args.max_documents}, got {top_n}")
+        limit = service.config.documents_limit
+        if top_n is not None and not 1 <= top_n <= limit:
+            raise InvalidInput(f"top_n must be between 1 and {limit}, got {top_n}")
         scores = await service.rerank_scores(query, documents)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: top_n or len(scores)]
         results = []
@@ -317,6 +342,12 @@ def create_app(service: SearchService) -> FastAPI:
         """The ingress process is alive (no dependency checked)."""
         return {"status": "ok"}
 
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        """The effective configuration of every stage as its replica holds it (models, runtime, limits,
+        batch knobs, database versions); no secrets."""
+        return await service.info()
+
     @app.get(
         "/readyz", responses={503: {"model": ErrorBody, "description": "Not ready; the reason says why."}}
     )
@@ -340,8 +371,14 @@ def create_app(service: SearchService) -> FastAPI:
 class Ingress:
     """Composes the other deployments through their DeploymentHandles."""
 
-    def __init__(self, embedder: Any, retriever: Any, reranker: Any, args: IngressArgs) -> None:
-        self.service = SearchService(embedder, retriever, reranker, args)
+    def __init__(
+        self,
+        embedder: DeploymentHandle,
+        retriever: DeploymentHandle,
+        reranker: DeploymentHandle,
+        config: SearchConfig,
+    ) -> None:
+        self.service = SearchService(embedder, retriever, reranker, config)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)

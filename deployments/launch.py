@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from deployments._args import FROM_SETTINGS
+from deployments._args import AppArgs
 from rag.errors import ConfigError
 from rag.settings import Settings
 
@@ -62,11 +62,11 @@ def load_config(path: Path) -> dict[str, Any]:
 def apply_settings(config: dict[str, Any], settings: Settings, database_url: str) -> dict[str, Any]:
     """A copy of ``config``: app args + explicitly set Settings, the database URL and data_dir."""
     cfg = copy.deepcopy(config)
-    explicit = {k: getattr(settings, k) for k in FROM_SETTINGS if k in settings.model_fields_set}
-    explicit.pop("cohere_api_key", None)  # never in a config: build_app's Settings reads the environment
+    # Secrets are never put in a config: build_app's Settings reads them from the environment.
+    explicit = AppArgs.from_settings(settings).explicit()
     for app in cfg["applications"]:
         args = dict(app.get("args") or {})
-        args.update({k: (str(v) if isinstance(v, Path) else v) for k, v in explicit.items()})
+        args.update(explicit)
         args["database_url"] = database_url
         args["data_dir"] = str(Path(settings.data_dir).expanduser().resolve())
         if settings.offline:

@@ -34,8 +34,11 @@ from typing import Any
 from ray import serve
 
 from deployments import metrics
-from deployments._args import RerankerArgs, RerankerUserConfig
+from deployments._args import RerankerUserConfig
 from rag.errors import InvalidInput, Overloaded, RerankerError
+from rag.rerank import make_reranker
+from rag.settings import RerankerConfig
+from rag.validation import check_text, validate_query
 
 __all__ = ["Reranker"]
 
@@ -78,22 +81,21 @@ def admission_wait_s(pending_pairs: int, pairs: int, pairs_per_s: float | None) 
 
 
 def validate_rerank_input(query: object, documents: object) -> None:
-    if not isinstance(query, str) or not query.strip():
-        raise InvalidInput("query must be a non-empty string")
+    """The one text rule (``rag.validation``), applied before a request joins a batch."""
+    validate_query(query)
     if not isinstance(documents, list | tuple):
         raise InvalidInput(f"documents must be a list of strings, got {type(documents).__name__}")
     for i, d in enumerate(documents):
-        if not isinstance(d, str):
-            raise InvalidInput(f"documents[{i}] must be a string, got {type(d).__name__}")
+        check_text(d, f"documents[{i}]")
 
 
 @serve.deployment(name="Reranker", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class Reranker:
     """Wraps a ``rag.rerank.Reranker`` (cross-encoder, Cohere or none)."""
 
-    def __init__(self, args: RerankerArgs) -> None:
-        self.args = args
-        self.reranker = args.build()
+    def __init__(self, config: RerankerConfig) -> None:
+        self.config = config
+        self.reranker = make_reranker(config)
         self._info = dict(self.reranker.info())
         self._cfg = _DEFAULTS
         self._lock = threading.Lock()  # one score() at a time, so last_timings belongs to our call
@@ -157,10 +159,20 @@ class Reranker:
             parts = await asyncio.gather(*(self.score_batch(it) for it in items))
         finally:
             self._pending_pairs -= n
+        for part in parts:
+            if isinstance(part, BaseException):  # this request's own failure (see _run_batch)
+                raise part
         return [s for part in parts for s in part]
 
     def info(self) -> dict[str, Any]:
-        return dict(self._info)
+        """What this replica runs and the configuration it holds (GET /info; no secrets)."""
+        return {
+            **self._info,
+            "user_config": self._cfg.model_dump(),
+            "max_concurrent_batches": MAX_CONCURRENT_BATCHES,
+            "admit_fraction": ADMIT_FRACTION,
+            "config": self.config.public(),
+        }
 
     def ready(self) -> dict[str, Any]:
         return {**self._info, "enabled": self.reranker.enabled}
@@ -184,7 +196,7 @@ class Reranker:
         max_concurrent_batches=MAX_CONCURRENT_BATCHES,
         batch_size_fn=_batch_cost,
     )
-    async def score_batch(self, items: list[_Item]) -> list[list[float]]:
+    async def score_batch(self, items: list[_Item]) -> list[list[float] | BaseException]:
         self._running += 1
         if self._running >= MAX_CONCURRENT_BATCHES:
             self._gate.clear()
@@ -195,7 +207,23 @@ class Reranker:
             if self._running < MAX_CONCURRENT_BATCHES:
                 self._gate.set()
 
-    async def _run_batch(self, items: list[_Item]) -> list[list[float]]:
+    async def _run_batch(self, items: list[_Item]) -> list[list[float] | BaseException]:
+        """Score the batch in one call; if that fails, each request alone, so only the bad one fails."""
+        try:
+            return list(await self._score_items(items))
+        except Exception as e:
+            if len(items) == 1 or self._cfg.inject_failure:
+                raise
+            log.warning("a batch of %d requests failed (%s); scoring them one by one", len(items), e)
+        out: list[list[float] | BaseException] = []
+        for it in items:
+            try:
+                out.extend(await self._score_items([it]))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    async def _score_items(self, items: list[_Item]) -> list[list[float]]:
         start = time.perf_counter()
         for it in items:
             metrics.get("rag_rerank_phase_latency_ms").observe(

@@ -16,8 +16,8 @@ import numpy as np
 from ray import serve
 
 from deployments import metrics
-from deployments._args import RetrieverArgs
 from rag.errors import StoreUnavailable
+from rag.settings import StoreConfig
 from rag.store import AsyncStore
 
 __all__ = ["Retriever"]
@@ -34,8 +34,8 @@ _GAUGES = {
 
 @serve.deployment(name="Retriever", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class Retriever:
-    async def __init__(self, args: RetrieverArgs) -> None:
-        self.args = args
+    async def __init__(self, config: StoreConfig) -> None:
+        self.config = config
         self._store: AsyncStore | None = None
         self._lock = asyncio.Lock()
         self._last_error: str | None = None
@@ -56,14 +56,8 @@ class Retriever:
             return self._store
         async with self._lock:
             if self._store is None:
-                a = self.args
-                store = AsyncStore(
-                    a.database_url,
-                    min_size=a.pool_min_size,
-                    max_size=a.pool_max_size,
-                    timeout_s=a.connect_timeout_s,
-                    ef_search_min=a.ef_search_min,
-                )
+                c: Any = self.config
+                store = AsyncStore(c.database_url, **c.store_kwargs())
                 try:
                     await store.open()  # a pool that failed to open is closed for good: make a new one
                 except StoreUnavailable as e:
@@ -73,13 +67,32 @@ class Retriever:
                 self._record_pool()
         return self._store
 
-    async def search(self, collection: str, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
-        """The ``k`` nearest chunks of ``collection``, best first, each with ``dense_score``."""
+    async def search(
+        self, collection: str, vector: np.ndarray, k: int, filter: Any = None
+    ) -> list[dict[str, Any]]:
+        """The ``k`` nearest chunks of ``collection`` (under ``filter``), best first, with ``dense_score``."""
         store = await self._get_store()
         try:
-            return await store.search(collection, vector, k)
+            if filter is None:
+                return await store.search(collection, vector, k)
+            return await store.search(collection, vector, k, filter=filter)
         finally:
             self._record_pool()
+
+    async def info(self) -> dict[str, Any]:
+        """The configuration this replica holds and the database it talks to (GET /info; no secrets)."""
+        c: Any = self.config
+        out: dict[str, Any] = {
+            "config": c.public(),
+            "ef_search_rule": c.ef_search_rule(),
+            "pool": self.pool_stats(),
+        }
+        try:
+            store = await self._get_store()
+            out["database"] = await store.server_info()
+        except Exception as e:  # /info still answers while the database is down
+            out["database"] = {"error": str(e)}
+        return out
 
     async def ready(self) -> dict[str, Any]:
         t0 = time.perf_counter()

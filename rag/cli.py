@@ -40,6 +40,15 @@ def _settings(**overrides: Any) -> Settings:
     return get_settings().with_overrides(**overrides)
 
 
+def _json_option(value: str | None, name: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"{name} must be JSON ({e.msg} at character {e.pos})") from e
+
+
 def _echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -208,6 +217,14 @@ def query(
     top_k: Annotated[int | None, typer.Option(help="Results to return [RAG_TOP_K, 8].")] = None,
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Stage 1 only (dense order).")] = False,
     collection: CollectionOpt = None,
+    filter_json: Annotated[
+        str | None,
+        typer.Option(
+            "--filter",
+            help='Narrow stage 1, as JSON: \'{"source": {"prefix": "docs/"}, "metadata": {"lang": "en"}}\'.',
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print results, timings and reranker as JSON.")
     ] = False,
@@ -216,7 +233,8 @@ def query(
     from rag.pipeline import Pipeline
 
     s = _settings(collection=collection)
-    res = Pipeline(s).search(text, fetch_k=fetch_k, top_k=top_k, rerank=not no_rerank)
+    flt = _json_option(filter_json, "--filter")
+    res = Pipeline(s).search(text, fetch_k=fetch_k, top_k=top_k, rerank=not no_rerank, filter=flt)
     if as_json:
         _echo_json(
             {
@@ -299,10 +317,11 @@ def eval_cmd(
 ) -> None:
     """Compare stage 1 (retrieve, k=top_k) with stage 1 + rerank: recall@k, nDCG@10, MRR@10."""
     from rag.eval import ensure_corpus, evaluate, load_dataset, save_results
-    from rag.pipeline import Pipeline, validate_search
+    from rag.pipeline import Pipeline
+    from rag.validation import validate_search
 
     s = get_settings()
-    validate_search("x", fetch_k, top_k, s.max_fetch_k)
+    validate_search("x", fetch_k, top_k, max_fetch_k=s.max_fetch_k)
     ds = load_dataset(dataset)
     coll = collection or (ds.name if ds.corpus is not None else s.collection)
     p = Pipeline(s.with_overrides(collection=coll, **({"reranker": "none"} if no_rerank else {})))

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +21,10 @@ from rag.accel import cpu_supports_bf16, pick_device, pick_dtype
 from rag.errors import InvalidInput, ModelError
 from rag.models import ResolvedModel, resolve_embedder
 
-__all__ = ["Embedder", "cpu_supports_bf16", "pick_device", "pick_dtype"]
+if TYPE_CHECKING:
+    from rag.settings import EmbedderConfig, Settings
+
+__all__ = ["Embedder", "cpu_supports_bf16", "make_embedder", "pick_device", "pick_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +88,7 @@ class Embedder:
             if n in self.tokenizer.model_input_names
         )
         if self.runtime == "openvino":
-            from rag.settings import get_settings
-
-            cache = Path(cache_dir) if cache_dir is not None else get_settings().model_cache
+            cache = Path(cache_dir) if cache_dir is not None else Path(".rag/models").resolve()
             precision = "bf16" if self.dtype == "bfloat16" else "f32"
             try:
                 ov = OpenVINOEngine(
@@ -197,3 +198,18 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def make_embedder(cfg: EmbedderConfig | Settings) -> Embedder:
+    """The embedder the configuration asks for: the one factory (library, CLI, Embedder deployment)."""
+    c: Any = cfg
+    return Embedder(
+        c.embedding_model,
+        device=c.embedding_device,
+        dtype=c.embedding_dtype,
+        batch_size=c.embed_batch_size,
+        offline=c.offline,
+        runtime=c.embedding_runtime,
+        threads=c.embedding_threads,
+        cache_dir=c.model_cache,
+    )

@@ -10,6 +10,7 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "BodyTooLarge",
     "CollectionError",
     "ConfigError",
     "DimensionMismatch",
@@ -19,6 +20,9 @@ __all__ = [
     "Overloaded",
     "RagError",
     "RerankerError",
+    "Retryable",
+    "StageTimeout",
+    "StageUnavailable",
     "StoreUnavailable",
     "redact_url",
     "validate_collection_name",
@@ -35,6 +39,12 @@ class InvalidInput(RagError, ValueError):
     """The request or argument is wrong; the message says which value and what is allowed."""
 
     error_type = "invalid_input"
+
+
+class BodyTooLarge(InvalidInput):
+    """The request body is larger than ``RAG_MAX_BODY_BYTES``."""
+
+    error_type = "body_too_large"
 
 
 class ConfigError(RagError):
@@ -61,14 +71,35 @@ class IngestError(RagError):
     error_type = "ingest_error"
 
 
-class Overloaded(RagError):
-    """Too many requests are queued; retry after ``retry_after_s``."""
+class Retryable(RagError):
+    """The service cannot answer now; the same request may succeed after ``retry_after_s`` (503)."""
 
-    error_type = "overloaded"
+    error_type = "unavailable"
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple:  # keep retry_after_s through pickling (Ray ships errors between processes)
+        return (type(self), (str(self), self.retry_after_s))
+
+
+class Overloaded(Retryable):
+    """Refused at once: too much work is queued (a full queue, the reranker's admission)."""
+
+    error_type = "overloaded"
+
+
+class StageTimeout(Retryable):
+    """A stage did not answer within its timeout."""
+
+    error_type = "timeout"
+
+
+class StageUnavailable(Retryable):
+    """A stage has no live replica (starting, restarting or gone)."""
+
+    error_type = "unavailable"
 
 
 class StoreUnavailable(RagError):

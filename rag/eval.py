@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rag.errors import IngestError
+from rag.errors import IngestError, RerankerError
 
 if TYPE_CHECKING:
     from rag.pipeline import Pipeline
@@ -168,9 +168,9 @@ def evaluate(
     system reorders the same candidates. Depth is ``max(top_k, 10)`` so nDCG@10/MRR@10 are defined."""
     depth = max(top_k, 10)
     qids = list(ds.queries)[:limit] if limit else list(ds.queries)
-    vecs = pipeline.embedder.embed_queries([ds.queries[q] for q in qids])
-    store, reranker = pipeline.store, pipeline.reranker
-    do_rerank = rerank and reranker.enabled
+    vecs = pipeline.embedder.embed_queries([ds.queries[q] for q in qids])  # one batch: faster than per query
+    do_rerank = rerank and pipeline.reranker.enabled
+    k = max(fetch_k if do_rerank else depth, depth)
     dense: dict[str, list[str]] = {}
     reranked: dict[str, list[str]] = {}
     t_dense = t_rerank = 0.0
@@ -181,19 +181,19 @@ def evaluate(
         from tqdm import tqdm
 
         it = tqdm(it, unit="query", desc=f"eval {ds.name}", file=sys.stderr)
-    from rag.rerank import rank
-
     for i in it:
         qid = qids[i]
-        t0 = time.perf_counter()
-        cands = store.search(collection, vecs[i], max(fetch_k if do_rerank else depth, depth))
-        t1 = time.perf_counter()
-        t_dense += t1 - t0
-        dense[qid] = _doc_ranking(cands, ds.key)[:depth]
+        # The library's one search policy; top_k=k keeps the whole reranked order for the metrics.
+        res = pipeline.search(
+            ds.queries[qid], fetch_k=k, top_k=k, rerank=do_rerank, collection=collection, vector=vecs[i]
+        )
+        t_dense += res.timings_ms["retrieve"] / 1e3
+        dense[qid] = _doc_ranking(res.candidates, ds.key)[:depth]
         if do_rerank:
-            scores = reranker.score([(ds.queries[qid], c["content"]) for c in cands[:fetch_k]])
-            reranked[qid] = _doc_ranking(rank(cands[:fetch_k], scores, fetch_k), ds.key)[:depth]
-            t_rerank += time.perf_counter() - t1
+            if not res.reranked:
+                raise RerankerError(f"query {qid!r} was not reranked ({res.reason}: {res.detail})")
+            reranked[qid] = _doc_ranking(res.hits, ds.key)[:depth]
+            t_rerank += res.timings_ms["rerank"] / 1e3
     n = max(1, len(qids))
     out: dict[str, Any] = {
         "dataset": ds.name,
@@ -212,7 +212,7 @@ def evaluate(
         "notes": list(ds.notes),
     }
     if do_rerank:
-        info = reranker.info()
+        info = pipeline.reranker.info()
         out["reranker"] = info
         out["systems"]["reranked"] = {
             **_scores(reranked, ds.qrels, top_k),

@@ -5,62 +5,35 @@
     >>> hits[0]["id"], hits[0]["source"], hits[0]["score"], hits[0]["dense_score"]
 
 Each hit is a dict with at least ``id``, ``content``, ``source``, ``score`` (rerank score; the dense score
-when stage 2 did not run) and ``dense_score`` (cosine similarity from stage 1).
+when stage 2 did not run) and ``dense_score`` (cosine similarity from stage 1). The policy (validation,
+when to rerank and when to degrade, ranking) is ``rag.search``'s, the same one the Serve app runs.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rag.errors import InvalidInput
-from rag.rerank import Reranker, make_reranker, rank
+from rag.rerank import Reranker, make_reranker
+from rag.search import (
+    Embed,
+    Rerank,
+    Retrieve,
+    SearchResult,
+    Step,
+    dense_hits,
+    make_request,
+    run_sync,
+    two_stage,
+)
 from rag.settings import Settings, get_settings
+from rag.validation import validate_search
 
 if TYPE_CHECKING:
     from rag.embed import Embedder
     from rag.store import Store
 
-__all__ = [
-    "Pipeline",
-    "SearchResult",
-    "default_pipeline",
-    "retrieve",
-    "retrieve_and_rerank",
-    "validate_query",
-    "validate_search",
-]
-
-
-def validate_query(query: object) -> str:
-    if not isinstance(query, str) or not query.strip():
-        raise InvalidInput("query must be a non-empty string (got an empty or whitespace-only query)")
-    return query
-
-
-def validate_search(query: object, fetch_k: object, top_k: object, max_fetch_k: int) -> None:
-    """Check a search request; raises InvalidInput naming the value and the allowed range."""
-    validate_query(query)
-    if not isinstance(fetch_k, int) or isinstance(fetch_k, bool) or fetch_k < 1:
-        raise InvalidInput(f"fetch_k must be a positive integer, got {fetch_k!r}")
-    if fetch_k > max_fetch_k:
-        raise InvalidInput(f"fetch_k={fetch_k} is above the maximum {max_fetch_k} (RAG_MAX_FETCH_K)")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise InvalidInput(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_k > fetch_k:
-        raise InvalidInput(f"top_k={top_k} is larger than fetch_k={fetch_k}: ask for top_k <= fetch_k")
-
-
-@dataclass
-class SearchResult:
-    hits: list[dict]
-    timings_ms: dict[str, float]
-    reranker: dict[str, Any]
-    reranked: bool
-    reason: str | None = None
-    candidates: list[dict] = field(default_factory=list)
+__all__ = ["Pipeline", "SearchResult", "default_pipeline", "retrieve", "retrieve_and_rerank"]
 
 
 class Pipeline:
@@ -75,6 +48,7 @@ class Pipeline:
         reranker: Reranker | None = None,
     ) -> None:
         self.settings = settings or get_settings()
+        self.config = self.settings.slice("search")
         self._embedder = embedder
         self._store = store
         self._reranker = reranker
@@ -85,16 +59,9 @@ class Pipeline:
     def embedder(self) -> Embedder:
         with self._lock:
             if self._embedder is None:
-                from rag.embed import Embedder
+                from rag.embed import make_embedder
 
-                s = self.settings
-                self._embedder = Embedder(
-                    s.embedding_model,
-                    device=s.embedding_device,
-                    dtype=s.embedding_dtype,
-                    batch_size=s.embed_batch_size,
-                    offline=s.offline,
-                )
+                self._embedder = make_embedder(self.settings)
             return self._embedder
 
     @property
@@ -104,17 +71,8 @@ class Pipeline:
                 from rag.db import database_url
                 from rag.store import Store
 
-                s = self.settings
-                self._store = Store(
-                    database_url(s),
-                    min_size=s.pool_min_size,
-                    max_size=s.pool_max_size,
-                    timeout_s=s.connect_timeout_s,
-                    ef_search_min=s.hnsw_ef_search_min,
-                    ef_search_factor=s.hnsw_ef_search_factor,
-                    hnsw_m=s.hnsw_m,
-                    hnsw_ef_construction=s.hnsw_ef_construction,
-                )
+                cfg: Any = self.settings.slice("store")
+                self._store = Store(database_url(self.settings), **cfg.store_kwargs(writer=True))
             return self._store
 
     @property
@@ -130,12 +88,25 @@ class Pipeline:
             self._store = None
 
     # -- stages ----------------------------------------------------------------------------------
-    def retrieve(self, query: str, k: int = 8, *, collection: str | None = None) -> list[dict]:
+    def _do(self, step: Step) -> Any:
+        """Perform one stage call of the policy, in this process."""
+        if isinstance(step, Embed):
+            return self.embedder.embed_query(step.query)
+        if isinstance(step, Retrieve):
+            kw = {"filter": step.filter} if step.filter is not None else {}
+            return self.store.search(step.collection, step.vector, step.k, **kw)
+        if isinstance(step, Rerank):  # in-process: no timeout to apply, the call is ours
+            return self.reranker.score([(step.query, d) for d in step.documents])
+        raise TypeError(f"unknown step {step!r}")
+
+    def retrieve(
+        self, query: str, k: int = 8, *, collection: str | None = None, filter: Any = None
+    ) -> list[dict]:
         """Stage 1 only: the ``k`` nearest chunks, ``score == dense_score``."""
-        validate_search(query, k, 1, self.settings.max_fetch_k)
-        vec = self.embedder.embed_query(query)
-        hits = self.store.search(collection or self.settings.collection, vec, k)
-        return [{**h, "score": h["dense_score"]} for h in hits]
+        c: Any = self.config
+        validate_search(query, k, 1, max_fetch_k=c.max_fetch_k, max_chars=c.max_query_chars)
+        res = self.search(query, fetch_k=k, top_k=k, rerank=False, collection=collection, filter=filter)
+        return dense_hits(res.candidates, k)
 
     def search(
         self,
@@ -145,38 +116,52 @@ class Pipeline:
         top_k: int | None = None,
         rerank: bool = True,
         collection: str | None = None,
+        filter: Any = None,
+        budget_ms: float | None = None,
+        vector: Any = None,
     ) -> SearchResult:
-        """Both stages, with per-stage timings and what the reranker was."""
-        s = self.settings
-        fetch_k = s.fetch_k if fetch_k is None else fetch_k
-        top_k = s.top_k if top_k is None else top_k
-        validate_search(query, fetch_k, top_k, s.max_fetch_k)
-        coll = collection or s.collection
-        self.store.collection_dim(coll)  # an unknown collection fails before any model loads
-        t0 = time.perf_counter()
-        vec = self.embedder.embed_query(query)
-        t1 = time.perf_counter()
-        candidates = self.store.search(coll, vec, fetch_k)
-        t2 = time.perf_counter()
-        reranker = self.reranker
-        timings = {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3, "rerank": 0.0}
-        if not rerank or not reranker.enabled:
-            hits = [{**c, "score": c["dense_score"]} for c in candidates[:top_k]]
-            reason = "disabled" if not reranker.enabled else "not_requested"
-            timings["total"] = (time.perf_counter() - t0) * 1e3
-            return SearchResult(hits, timings, reranker.info(), False, reason, candidates)
-        scores = reranker.score([(query, c["content"]) for c in candidates])
-        hits = rank(candidates, scores, top_k)
-        t3 = time.perf_counter()
-        timings["rerank"] = (t3 - t2) * 1e3
-        timings["total"] = (t3 - t0) * 1e3
-        return SearchResult(hits, timings, reranker.info(), True, None, candidates)
+        """Both stages, with per-stage timings, what the reranker was, and why it did not run if not."""
+        req = make_request(
+            self.config,
+            query,
+            fetch_k=fetch_k,
+            top_k=top_k,
+            rerank=rerank,
+            budget_ms=budget_ms,
+            collection=collection,
+            filter=_parse_filter(filter),
+            vector=vector,
+        )
+        self.store.collection_dim(req.collection)  # an unknown collection fails before any model loads
+        reranker = self.reranker if rerank else None
+        enabled = reranker.enabled if reranker is not None else True
+        policy = two_stage(
+            req, reranker_enabled=enabled, rerank_timeout_s=None, strict=self.settings.strict_rerank
+        )
+        res = run_sync(policy, self._do)
+        res.reranker = reranker.info() if reranker is not None else {}
+        return res
 
     def retrieve_and_rerank(
-        self, query: str, *, fetch_k: int = 100, top_k: int = 8, collection: str | None = None
+        self,
+        query: str,
+        *,
+        fetch_k: int = 100,
+        top_k: int = 8,
+        collection: str | None = None,
+        filter: Any = None,
     ) -> list[dict]:
         """Fetch ``fetch_k`` candidates from pgvector, rerank them, return the best ``top_k``."""
-        return self.search(query, fetch_k=fetch_k, top_k=top_k, collection=collection).hits
+        return self.search(query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter).hits
+
+
+def _parse_filter(obj: Any) -> Any:
+    """A user filter (dict) -> the store's SearchFilter; None stays None."""
+    if obj is None:
+        return None
+    from rag.store import parse_filter
+
+    return parse_filter(obj)
 
 
 _default: Pipeline | None = None
@@ -192,13 +177,15 @@ def default_pipeline() -> Pipeline:
         return _default
 
 
-def retrieve(query: str, k: int = 8, *, collection: str | None = None) -> list[dict]:
+def retrieve(query: str, k: int = 8, *, collection: str | None = None, filter: Any = None) -> list[dict]:
     """Stage 1 only with the default pipeline."""
-    return default_pipeline().retrieve(query, k, collection=collection)
+    return default_pipeline().retrieve(query, k, collection=collection, filter=filter)
 
 
 def retrieve_and_rerank(
-    query: str, *, fetch_k: int = 100, top_k: int = 8, collection: str | None = None
+    query: str, *, fetch_k: int = 100, top_k: int = 8, collection: str | None = None, filter: Any = None
 ) -> list[dict]:
     """Both stages with the default pipeline: ``fetch_k`` dense candidates, reranked, best ``top_k``."""
-    return default_pipeline().retrieve_and_rerank(query, fetch_k=fetch_k, top_k=top_k, collection=collection)
+    return default_pipeline().retrieve_and_rerank(
+        query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter
+    )

@@ -20,7 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from rag.errors import ConfigError, InvalidInput, ModelError, RerankerError
-from rag.settings import Settings
+from rag.settings import RerankerConfig, Settings
+from rag.validation import check_text
 
 __all__ = [
     "CohereReranker",
@@ -29,7 +30,6 @@ __all__ = [
     "Pair",
     "Reranker",
     "make_reranker",
-    "rank",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,8 @@ def validate_pairs(pairs: Sequence[Pair]) -> None:
             raise InvalidInput(
                 f"pair {i} must be a (query, document) pair of strings, got {type(p).__name__}"
             )
-
-
-def rank(candidates: Sequence[dict], scores: Sequence[float], top_k: int) -> list[dict]:
-    """Attach ``score`` to each candidate and return the best ``top_k`` (stable on ties: dense order)."""
-    if len(candidates) != len(scores):
-        raise RerankerError(f"reranker returned {len(scores)} scores for {len(candidates)} candidates")
-    order = sorted(range(len(candidates)), key=lambda i: -scores[i])
-    return [{**candidates[i], "score": float(scores[i])} for i in order[:top_k]]
+        check_text(p[0], f"pair {i} query")
+        check_text(p[1], f"pair {i} document")
 
 
 class NoReranker:
@@ -214,7 +208,10 @@ class CrossEncoderReranker:
                 if self.refine_top
                 else None
             ),
+            "refine_top": self.refine_top,
+            "refine_margin": self.refine_margin,
             "sorted": self.sort,
+            "batch_size": self.batch_size,
             "token_budget": self.token_budget if self.sort else None,
             "trained": self.resolved.trained,
             "max_length": self.max_length,
@@ -415,30 +412,31 @@ class CohereReranker:
         return scores
 
 
-def make_reranker(settings: Settings) -> Reranker:
-    """The reranker the settings ask for."""
-    if settings.reranker == "none":
+def make_reranker(cfg: RerankerConfig | Settings) -> Reranker:
+    """The reranker the configuration asks for: the one factory (library, CLI, Reranker deployment)."""
+    c: Any = cfg
+    if c.reranker == "none":
         return NoReranker()
-    if settings.reranker == "cohere":
-        key = settings.cohere_api_key.get_secret_value() if settings.cohere_api_key else None
+    if c.reranker == "cohere":
+        key = c.cohere_api_key.get_secret_value() if c.cohere_api_key else None
         return CohereReranker(
             api_key=key,
-            model=settings.cohere_model,
-            base_url=settings.cohere_base_url,
-            timeout_s=settings.cohere_timeout_s,
-            max_retries=settings.cohere_max_retries,
+            model=c.cohere_model,
+            base_url=c.cohere_base_url,
+            timeout_s=c.cohere_timeout_s,
+            max_retries=c.cohere_max_retries,
         )
     return CrossEncoderReranker(
-        settings.rerank_model,
-        cache_dir=settings.model_cache,
-        device=settings.rerank_device,
-        dtype=settings.rerank_dtype,
-        max_length=settings.rerank_max_length,
-        batch_size=settings.rerank_batch_size,
-        token_budget=settings.rerank_token_budget,
-        threads=settings.rerank_threads,
-        offline=settings.offline,
-        runtime=settings.rerank_runtime,
-        refine_top=settings.rerank_refine_top,
-        refine_margin=settings.rerank_refine_margin,
+        c.rerank_model,
+        cache_dir=c.model_cache,
+        device=c.rerank_device,
+        dtype=c.rerank_dtype,
+        max_length=c.rerank_max_length,
+        batch_size=c.rerank_batch_size,
+        token_budget=c.rerank_token_budget,
+        threads=c.rerank_threads,
+        offline=c.offline,
+        runtime=c.rerank_runtime,
+        refine_top=c.rerank_refine_top,
+        refine_margin=c.rerank_refine_margin,
     )

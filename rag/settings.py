@@ -1,19 +1,43 @@
-"""The one Settings object. This is the only module that reads environment variables.
+"""The one Settings object, the only module that reads environment variables, and its per-stage slices.
 
 Every knob has the prefix ``RAG_`` (``RAG_DATABASE_URL``, ``RAG_RERANKER``, ...). The Cohere key is also read
 from ``CO_API_KEY``, the variable Cohere's own SDK uses.
+
+Each field says where it is used: the stages that need it (``embedder``, ``store``, ``reranker``,
+``search``) or, for a field only the local process uses, the reason (``local=``). The typed per-stage
+configuration objects (``EmbedderConfig``, ``StoreConfig``, ``RerankerConfig``, ``SearchConfig``) are
+*derived* from those tags, so a new field reaches the replica that uses it with no second edit:
+
+    >>> Settings(rerank_runtime="torch").slice("reranker").rerank_runtime
+    'torch'
+
+``tests/test_settings_reach.py`` checks that every field is tagged, and, on a live Serve app, that every
+stage field reaches its replica (read back from ``GET /info``).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEFAULT_EMBEDDING_MODEL", "DEFAULT_RERANK_MODEL", "Settings", "get_settings"]
+__all__ = [
+    "DEFAULT_EMBEDDING_MODEL",
+    "DEFAULT_RERANK_MODEL",
+    "STAGES",
+    "EmbedderConfig",
+    "RerankerConfig",
+    "SearchConfig",
+    "Settings",
+    "StageConfig",
+    "StoreConfig",
+    "field_stages",
+    "get_settings",
+    "local_reason",
+]
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_RERANK_MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2"
@@ -23,6 +47,20 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Runtime = Literal["auto", "torch", "openvino"]
 
+STAGES = ("embedder", "store", "reranker", "search")
+
+
+def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
+    """A Settings field used by ``stages`` (or, with ``local=reason``, only by the local process)."""
+    assert stages or local, "a field is used by a stage or is process-local (with the reason)"
+    assert all(s in STAGES for s in stages), stages
+    extra = {"stages": list(stages)} if stages else {"local": local}
+    return Field(default, json_schema_extra=extra, **kw)
+
+
+_CLI = "used by the CLI process only (rag ingest / rag db), never by a Serve replica"
+_LAUNCH = "bound by `rag serve` itself when it starts Ray and the HTTP proxy"
+
 
 class Settings(BaseSettings):
     """Configuration for the library, the CLI and the Serve app (env prefix ``RAG_``)."""
@@ -30,81 +68,129 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAG_", extra="ignore", populate_by_name=True)
 
     # --- storage -------------------------------------------------------------------------------
-    database_url: str | None = Field(
-        None, description="PostgreSQL URL with pgvector. Unset: the embedded server in data_dir/pgdata."
+    database_url: str | None = _f(
+        None,
+        "store",
+        description="PostgreSQL URL with pgvector. Unset: the embedded server in data_dir/pgdata.",
     )
-    data_dir: Path = Field(Path(".rag"), description="Project-local state: embedded database, model cache.")
-    collection: str = Field("default", description="Collection that ingest/query/serve/eval use.")
-    pool_min_size: int = Field(1, ge=0)
-    pool_max_size: int = Field(8, ge=1)
-    connect_timeout_s: float = Field(5.0, gt=0)
-    hnsw_m: int = Field(16, ge=2, le=100)
-    hnsw_ef_construction: int = Field(64, ge=4, le=1000)
-    hnsw_ef_search_min: int = Field(
-        40, ge=1, le=1000, description="ef_search floor; a query of k uses max(this, k * factor)."
+    data_dir: Path = _f(
+        Path(".rag"),
+        "embedder",
+        "reranker",
+        description="Project-local state: embedded database (pgdata/), model cache (models/).",
     )
-    hnsw_ef_search_factor: float = Field(
-        1.5, ge=1.0, le=10.0, description="ef_search = k x this: the recall margin over k (1.0 = exactly k)."
+    collection: str = _f("default", "search", description="Collection that ingest/query/serve/eval use.")
+    pool_min_size: int = _f(1, "store", ge=0, description="Connections each pool keeps open.")
+    pool_max_size: int = _f(
+        8, "store", ge=1, description="Most connections per pool (per Retriever replica)."
+    )
+    connect_timeout_s: float = _f(5.0, "store", gt=0, description="Wait for a pooled connection (seconds).")
+    hnsw_m: int = _f(16, "store", ge=2, le=100, description="HNSW graph degree of new collections' indexes.")
+    hnsw_ef_construction: int = _f(64, "store", ge=4, le=1000, description="HNSW build-time candidate list.")
+    hnsw_ef_search_min: int = _f(
+        40, "store", ge=1, le=1000, description="ef_search floor; a query of k uses max(this, k * factor)."
+    )
+    hnsw_ef_search_factor: float = _f(
+        1.5,
+        "store",
+        ge=1.0,
+        le=10.0,
+        description="ef_search = k x this: the recall margin over k (1.0 = exactly k).",
     )
 
     # --- models --------------------------------------------------------------------------------
-    offline: bool = Field(
+    offline: bool = _f(
         False,
-        validation_alias=AliasChoices("RAG_OFFLINE", "HF_HUB_OFFLINE"),
+        "embedder",
+        "reranker",
+        validation_alias=AliasChoices("offline", "RAG_OFFLINE", "HF_HUB_OFFLINE"),
         description="Never contact the Hugging Face hub (also honours HF_HUB_OFFLINE).",
     )
-    embedding_model: str = DEFAULT_EMBEDDING_MODEL
-    embedding_device: Device = "auto"
-    embedding_dtype: DType = "auto"
-    embed_batch_size: int = Field(64, ge=1)
+    embedding_model: str = _f(DEFAULT_EMBEDDING_MODEL, "embedder", description="HF id or local folder.")
+    embedding_device: Device = _f("auto", "embedder")
+    embedding_dtype: DType = _f("auto", "embedder")
+    embedding_runtime: Runtime = _f(
+        "auto", "embedder", description="openvino (CPU), torch, or auto (openvino when installed)."
+    )
+    embedding_threads: int = _f(0, "embedder", ge=0, description="Embedder threads; 0 = the CPUs we may use.")
+    embed_batch_size: int = _f(64, "embedder", ge=1, description="Texts per forward pass (plain path).")
 
-    reranker: RerankerBackend = "cross-encoder"
-    rerank_model: str = DEFAULT_RERANK_MODEL
-    rerank_device: Device = "auto"
-    rerank_dtype: DType = "auto"
-    rerank_batch_size: int = Field(32, ge=1, description="Pairs per forward pass (fp32 reference path).")
-    rerank_max_length: int = Field(512, ge=8, le=512)
-    rerank_token_budget: int = Field(
-        8192, ge=512, description="Fast path: padded tokens per forward pass (batch x longest pair)."
+    reranker: RerankerBackend = _f("cross-encoder", "reranker", description="Stage-2 backend.")
+    rerank_model: str = _f(DEFAULT_RERANK_MODEL, "reranker", description="HF id or local folder.")
+    rerank_device: Device = _f("auto", "reranker")
+    rerank_dtype: DType = _f("auto", "reranker")
+    rerank_batch_size: int = _f(
+        32, "reranker", ge=1, description="Pairs per forward pass (fp32 reference path)."
     )
-    rerank_threads: int = Field(0, ge=0, description="torch threads for reranking; 0 = the CPUs we may use.")
-    rerank_runtime: Runtime = Field(
-        "auto", description="Fast-path runtime: openvino (CPU), torch, or auto (openvino when installed)."
+    rerank_max_length: int = _f(512, "reranker", ge=8, le=512, description="Tokens per (query, document).")
+    rerank_token_budget: int = _f(
+        8192,
+        "reranker",
+        ge=512,
+        description="Fast path: padded tokens per forward pass (batch x longest pair).",
     )
-    rerank_refine_top: int = Field(
-        8, ge=0, description="Fast path: rescore each query's best N pairs in fp32 after bf16/fp16 (0: off)."
+    rerank_threads: int = _f(0, "reranker", ge=0, description="Reranker threads; 0 = the CPUs we may use.")
+    rerank_runtime: Runtime = _f(
+        "auto",
+        "reranker",
+        description="Fast-path runtime: openvino (CPU), torch, or auto (openvino when installed).",
     )
-    rerank_refine_margin: float = Field(
-        0.1, ge=0, description="Also rescore pairs within this many logits of the N-th best (then adaptive)."
+    rerank_refine_top: int = _f(
+        8, "reranker", ge=0, description="Fast path: rescore each query's best N pairs in fp32 (0: off)."
+    )
+    rerank_refine_margin: float = _f(
+        0.1, "reranker", ge=0, description="Also rescore pairs within this many logits of the N-th best."
     )
 
-    cohere_api_key: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("CO_API_KEY", "RAG_COHERE_API_KEY")
+    cohere_api_key: SecretStr | None = _f(
+        None,
+        "reranker",
+        validation_alias=AliasChoices("cohere_api_key", "CO_API_KEY", "RAG_COHERE_API_KEY"),
+        description="Key for RAG_RERANKER=cohere (never logged, never in /info).",
     )
-    cohere_base_url: str | None = Field(None, description="Cohere API base URL (unset: Cohere's own).")
-    cohere_model: str = "rerank-v3.5"
-    cohere_timeout_s: float = Field(10.0, gt=0)
-    cohere_max_retries: int = Field(2, ge=0)
+    cohere_base_url: str | None = _f(None, "reranker", description="Cohere API base URL (unset: Cohere's).")
+    cohere_model: str = _f("rerank-v3.5", "reranker")
+    cohere_timeout_s: float = _f(10.0, "reranker", gt=0)
+    cohere_max_retries: int = _f(2, "reranker", ge=0)
 
-    # --- retrieval defaults ----------------------------------------------------------------------
-    fetch_k: int = Field(100, ge=1)
-    top_k: int = Field(8, ge=1)
-    max_fetch_k: int = Field(
-        1000, ge=1, le=1000, description="Upper bound on fetch_k (pgvector caps at 1000)."
+    # --- retrieval defaults and limits -----------------------------------------------------------
+    fetch_k: int = _f(100, "search", ge=1, description="Default stage-1 candidates.")
+    top_k: int = _f(8, "search", ge=1, description="Default results returned.")
+    max_fetch_k: int = _f(
+        1000, "search", ge=1, le=1000, description="Upper bound on fetch_k (pgvector caps at 1000)."
     )
+    max_query_chars: int = _f(4096, "search", ge=1, description="Longest query (or text) accepted.")
+    max_documents: int | None = _f(
+        None, "search", ge=1, description="Most documents per rerank request (unset: max_fetch_k)."
+    )
+    max_embed_inputs: int = _f(64, "search", ge=1, description="Most inputs per embed request.")
+    max_body_bytes: int = _f(1 << 20, "search", ge=1024, description="Larger request bodies get a 422.")
 
     # --- ingest ----------------------------------------------------------------------------------
-    chunk_tokens: int = Field(256, ge=16, le=512, description="Chunk size in embedding-model tokens.")
-    chunk_overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
-    ingest_batch_docs: int = Field(64, ge=1, description="Documents written per transaction.")
+    chunk_tokens: int = _f(256, local=_CLI, ge=16, le=512, description="Chunk size in embedding tokens.")
+    chunk_overlap: int = _f(32, local=_CLI, ge=0, description="Tokens shared by consecutive chunks.")
+    ingest_batch_docs: int = _f(64, local=_CLI, ge=1, description="Documents written per transaction.")
 
     # --- serving ---------------------------------------------------------------------------------
-    serve_host: str = "127.0.0.1"
-    serve_port: int = Field(8000, ge=1, le=65535)
-    metrics_port: int = Field(8080, ge=1, le=65535)
-    budget_ms: float | None = Field(None, gt=0, description="Default latency budget per /search request.")
-    strict_rerank: bool = Field(False, description="Fail /search when the reranker fails, not degrade.")
-    request_timeout_s: float = Field(30.0, gt=0)
+    serve_host: str = _f("127.0.0.1", local=_LAUNCH, description="Address the HTTP proxy binds.")
+    serve_port: int = _f(8000, local=_LAUNCH, ge=1, le=65535, description="Port of the HTTP API.")
+    metrics_port: int = _f(8080, local=_LAUNCH, ge=1, le=65535, description="Ray's metrics export port.")
+    budget_ms: float | None = _f(None, "search", gt=0, description="Default latency budget per /search.")
+    strict_rerank: bool = _f(
+        False, "search", description="Fail /search when the reranker fails, not degrade."
+    )
+    request_timeout_s: float = _f(
+        30.0,
+        "search",
+        gt=0,
+        description="A request's longest wait for stage 2 unless rerank_timeout_s is set.",
+    )
+    rerank_timeout_s: float | None = _f(
+        None, "search", gt=0, description="Ingress -> Reranker call timeout (unset: request_timeout_s)."
+    )
+    embed_timeout_s: float = _f(10.0, "search", gt=0, description="Ingress -> Embedder call timeout.")
+    retrieve_timeout_s: float = _f(10.0, "search", gt=0, description="Ingress -> Retriever call timeout.")
+    ready_timeout_s: float = _f(2.0, "search", gt=0, description="Per-component timeout of GET /readyz.")
 
     @field_validator("collection")
     @classmethod
@@ -129,7 +215,112 @@ class Settings(BaseSettings):
     def with_overrides(self, **kw: object) -> Settings:
         """A copy with the non-None keyword arguments applied (CLI flags)."""
         upd = {k: v for k, v in kw.items() if v is not None}
-        return self.model_validate({**self.model_dump(), **upd}) if upd else self
+        if not upd:
+            return self
+        data = {k: getattr(self, k) for k in self.model_fields_set}
+        return type(self)(**{**data, **upd})
+
+    def slice(self, stage: str, **override: Any) -> StageConfig:
+        """The typed configuration of one stage: the fields tagged with it (``override`` replaces some)."""
+        cls = _SLICES[stage]
+        values = {name: getattr(self, name) for name in cls.model_fields}
+        return cls.model_validate({**values, **override})
+
+
+def field_stages(name: str) -> tuple[str, ...]:
+    """The stages a Settings field is tagged with (empty for process-local fields)."""
+    extra = Settings.model_fields[name].json_schema_extra or {}
+    return tuple(extra.get("stages", ())) if isinstance(extra, dict) else ()
+
+
+def local_reason(name: str) -> str | None:
+    """Why a Settings field is process-local, or None for a stage field."""
+    extra = Settings.model_fields[name].json_schema_extra or {}
+    return extra.get("local") if isinstance(extra, dict) else None
+
+
+class StageConfig(BaseModel):
+    """Base of the per-stage configuration objects: frozen, picklable, secrets redacted in ``public()``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    stage: ClassVar[str] = ""
+
+    def public(self) -> dict[str, Any]:
+        """The fields as JSON values with every secret redacted (for /info and logs)."""
+        from rag.errors import redact_url
+
+        out = self.model_dump(mode="json")
+        for name, value in out.items():
+            if isinstance(getattr(self, name), SecretStr):
+                out[name] = "***" if value else None
+            elif name.endswith("_url") and isinstance(value, str):
+                out[name] = redact_url(value)
+        return out
+
+
+class _ModelStage(StageConfig):
+    @property
+    def model_cache(self) -> Path:
+        return (Path(self.data_dir) / "models").resolve()  # type: ignore[attr-defined]
+
+
+class _StoreStage(StageConfig):
+    def ef_search_rule(self) -> str:
+        s: Any = self
+        return (
+            f"ef_search = min(1000, max({s.hnsw_ef_search_min}, k, floor(k x {s.hnsw_ef_search_factor:g})))"
+        )
+
+    def store_kwargs(self, *, writer: bool = False) -> dict[str, Any]:
+        """Keyword arguments of ``rag.store.Store`` (``writer``) or ``AsyncStore`` (search only)."""
+        s: Any = self
+        kw = {
+            "min_size": s.pool_min_size,
+            "max_size": s.pool_max_size,
+            "timeout_s": s.connect_timeout_s,
+            "ef_search_min": s.hnsw_ef_search_min,
+            "ef_search_factor": s.hnsw_ef_search_factor,
+        }
+        if writer:
+            kw.update(hnsw_m=s.hnsw_m, hnsw_ef_construction=s.hnsw_ef_construction)
+        return kw
+
+
+class _SearchStage(StageConfig):
+    @property
+    def rerank_wait_s(self) -> float:
+        """How long the ingress waits for the Reranker."""
+        s: Any = self
+        return float(s.rerank_timeout_s or s.request_timeout_s)
+
+    @property
+    def documents_limit(self) -> int:
+        s: Any = self
+        return int(s.max_documents or s.max_fetch_k)
+
+
+def _derive(stage: str, base: type[StageConfig]) -> type[StageConfig]:
+    fields = {
+        name: (info.annotation, info)
+        for name, info in Settings.model_fields.items()
+        if stage in field_stages(name)
+    }
+    cls = create_model(f"{stage.capitalize()}Config", __base__=base, __module__=__name__, **fields)  # type: ignore[call-overload]
+    cls.stage = stage
+    cls.__doc__ = f"What the {stage} stage uses of Settings (derived from the field tags; see Settings)."
+    return cls
+
+
+EmbedderConfig = _derive("embedder", _ModelStage)
+StoreConfig = _derive("store", _StoreStage)
+RerankerConfig = _derive("reranker", _ModelStage)
+SearchConfig = _derive("search", _SearchStage)
+_SLICES: dict[str, type[StageConfig]] = {
+    "embedder": EmbedderConfig,
+    "store": StoreConfig,
+    "reranker": RerankerConfig,
+    "search": SearchConfig,
+}
 
 
 @lru_cache(maxsize=1)

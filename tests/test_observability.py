@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import QUERIES, cpu_app_config, free_port, ray_cluster, wait_ready
 
 from deployments.metrics import LATENCY_MS_BUCKETS, METRICS, RAY_SERVE_METRICS, exported_series
 from monitoring.alerts import alerts
@@ -175,22 +175,7 @@ def test_promtool_parses_every_panel_query(tmp_path: Path):
 
 OBS_APP = "rag"  # the application name in serve_config.cpu.yaml
 OBS_FETCH_K, OBS_TOP_K = 16, 4
-OBS_QUERIES = [
-    "how do I parse a date from a string",
-    "open a file and read its lines",
-    "thread synchronization with a lock",
-    "compress data with gzip",
-    "sort a list in place",
-    "join path components",
-    "send an email message",
-    "generate random numbers",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+OBS_QUERIES = QUERIES
 
 
 @pytest.fixture(scope="module")
@@ -218,23 +203,16 @@ def obs_collection(store, embedder):
 
 
 def _obs_config(db_url: str, state_dir: Path, collection: str, *, inject_failure: bool = False) -> dict:
-    from deployments.launch import CPU_CONFIG
-
-    cfg = yaml.safe_load(CPU_CONFIG.read_text())
-    app = cfg["applications"][0]
-    app["args"].update(
-        database_url=db_url,
-        data_dir=str(state_dir),
-        collection=collection,
-        offline=True,
+    cfg = cpu_app_config(
+        db_url,
+        state_dir,
+        collection,
         rerank_threads=1,
         fetch_k=OBS_FETCH_K,
         top_k=OBS_TOP_K,
         rerank_timeout_s=60,
     )
-    app.setdefault("runtime_env", {}).setdefault("env_vars", {})["HF_HUB_OFFLINE"] = "1"
-    for d in app["deployments"]:
-        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.5
+    for d in cfg["applications"][0]["deployments"]:
         if d["name"] == "Reranker":
             # autoscaling (pinned to one replica) so ray_serve_autoscaling_* exist, as in production
             d.pop("num_replicas", None)
@@ -275,37 +253,16 @@ class ObsApp:
 def obs_app(prometheus_bin, db_url, state_dir, obs_collection):
     """Its own Ray (namespace, free metrics port) and Serve app; shut down at module teardown, so it never
     meets tests/test_serve.py's instance in the same session."""
-    import httpx
-    import ray
-    from ray import serve
 
-    metrics_port = _free_port()
-    ray.init(
-        address="local",
-        num_cpus=8,
-        include_dashboard=False,
-        namespace="rag-observability-tests",
-        _metrics_export_port=metrics_port,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    try:
+    with ray_cluster("rag-observability-tests") as metrics_port:
         configs = {
             k: _obs_config(db_url, state_dir, obs_collection, inject_failure=k == "failing")
             for k in ("normal", "failing")
         }
-        app = ObsApp(_free_port(), metrics_port, configs)
+        app = ObsApp(free_port(), metrics_port, configs)
         app.deploy("normal")
-        deadline = time.monotonic() + 180
-        while httpx.get(app.url + "/readyz", timeout=30).status_code != 200:
-            assert time.monotonic() < deadline, "the app never became ready"
-            time.sleep(0.5)
+        wait_ready(app.url)
         yield app
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
 
 
 class Prom:
@@ -332,7 +289,7 @@ def prometheus(prometheus_bin, obs_app, tmp_path_factory):
     Independent of any system prometheus service (its own port, config and storage)."""
     import httpx
 
-    port, data = _free_port(), tmp_path_factory.mktemp("prometheus")
+    port, data = free_port(), tmp_path_factory.mktemp("prometheus")
     env = {
         **os.environ,
         "PROMETHEUS": prometheus_bin,

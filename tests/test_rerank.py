@@ -12,7 +12,8 @@ import pytest
 
 from rag.errors import ConfigError, InvalidInput, RerankerError
 from rag.models import StandInWarning, resolve_cross_encoder
-from rag.rerank import CohereReranker, CrossEncoderReranker, NoReranker, make_reranker, rank
+from rag.rerank import CohereReranker, CrossEncoderReranker, NoReranker, make_reranker
+from rag.search import rank
 
 PAIRS = [
     ("how do wings generate lift", "Lift arises from the pressure difference between the wing's surfaces."),

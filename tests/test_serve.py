@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -21,29 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
+from helpers import QUERIES, cpu_app_config, free_port, ray_cluster
 
 pytestmark = pytest.mark.serve
 
 APP = "rag"
 FETCH_K = 20
 TOP_K = 5
-QUERIES = [
-    "how do I parse a date from a string",
-    "open a file and read its lines",
-    "thread synchronization with a lock",
-    "compress data with gzip",
-    "sort a list in place",
-    "join path components",
-    "send an email message",
-    "generate random numbers",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,15 +47,10 @@ def serve_collection(store, embedder):
 @pytest.fixture(scope="module")
 def base_config(db_url, state_dir, serve_collection) -> dict[str, Any]:
     """serve_config.cpu.yaml for this machine's tests: fp32 (to compare with the pipeline), small limits."""
-    from deployments.launch import CPU_CONFIG
-
-    cfg = yaml.safe_load(CPU_CONFIG.read_text())
-    app = cfg["applications"][0]
-    app["args"].update(
-        database_url=db_url,
-        data_dir=str(state_dir),
-        collection=serve_collection,
-        offline=True,
+    cfg = cpu_app_config(
+        db_url,
+        state_dir,
+        serve_collection,
         embedding_dtype="float32",
         rerank_dtype="float32",
         rerank_threads=1,
@@ -82,9 +60,7 @@ def base_config(db_url, state_dir, serve_collection) -> dict[str, Any]:
         max_body_bytes=64 * 1024,
         rerank_timeout_s=60,
     )
-    app["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] = "1"
-    for d in app["deployments"]:
-        d["ray_actor_options"]["num_cpus"] = 0.5
+    for d in cfg["applications"][0]["deployments"]:
         if d["name"] == "Reranker":
             d["user_config"]["batch_wait_timeout_s"] = 0.02
     return cfg
@@ -107,23 +83,8 @@ def with_reranker(cfg: dict[str, Any], **options: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray import serve
-
-    ray.init(
-        address="local",
-        num_cpus=8,
-        include_dashboard=False,
-        namespace="rag-serve-tests",
-        _metrics_export_port=free_port(),
-        log_to_driver=bool(os.environ.get("RAG_TEST_SERVE_LOGS")),
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    yield
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+    with ray_cluster("rag-serve-tests", log_to_driver=bool(os.environ.get("RAG_TEST_SERVE_LOGS"))):
+        yield
 
 
 class Live:

@@ -47,8 +47,8 @@ def test_app_builds_from_config_with_only_database_url_set(path, monkeypatch):
     """What Serve's controller does with the file: args dict -> AppArgs -> build_app -> the 4 deployments."""
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from deployments._args import IngressArgs, RetrieverArgs
     from deployments.app import build_app
+    from rag.settings import SearchConfig, StoreConfig
 
     monkeypatch.setenv("RAG_DATABASE_URL", "postgresql://rag:secret@db.example:5432/rag")
     args = load(path)["applications"][0].get("args") or {}
@@ -57,10 +57,10 @@ def test_app_builds_from_config_with_only_database_url_set(path, monkeypatch):
     children = {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[:3]}
     assert {ingress.name, *children} == DEPLOYMENTS
     (retriever_args,) = children["Retriever"].init_args
-    assert isinstance(retriever_args, RetrieverArgs)
+    assert isinstance(retriever_args, StoreConfig)
     assert retriever_args.database_url == "postgresql://rag:secret@db.example:5432/rag"
     ingress_args = ingress.init_args[3]
-    assert isinstance(ingress_args, IngressArgs) and ingress_args.collection == "default"
+    assert isinstance(ingress_args, SearchConfig) and ingress_args.collection == "default"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -113,8 +113,8 @@ def test_app_args_defaults_come_from_settings(monkeypatch):
     with pytest.raises(ValidationError):
         AppArgs(no_such_arg=1)
     # each deployment gets its slice only
-    assert set(a.ingress_args().model_dump()) >= {"fetch_k", "top_k", "budget_ms", "strict_rerank"}
-    assert "database_url" not in a.reranker_args().model_dump()
+    assert set(a.slice("search").model_dump()) >= {"fetch_k", "top_k", "budget_ms", "strict_rerank"}
+    assert "database_url" not in a.slice("reranker").model_dump()
 
 
 def test_launch_applies_explicit_settings_only():

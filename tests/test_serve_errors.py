@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments._args import IngressArgs
 from deployments._service import SearchService
 from deployments.ingress import ERROR_TABLE, create_app
 from rag.errors import ConfigError, ModelError, RerankerError, StoreUnavailable
+from rag.settings import SearchConfig, StoreConfig
 
 INFO = {"backend": "cross-encoder", "model": "m", "device": "cpu", "dtype": "float32", "trained": False}
 
@@ -105,7 +105,7 @@ def make(
         "max_query_chars": 100,
         **args,
     }
-    svc = SearchService(FakeHandle(**e), FakeHandle(**r), FakeHandle(**rr), IngressArgs(**args))
+    svc = SearchService(FakeHandle(**e), FakeHandle(**r), FakeHandle(**rr), SearchConfig(**args))
     return TestClient(create_app(svc), raise_server_exceptions=False), svc
 
 
@@ -140,13 +140,14 @@ def test_table_rows_are_the_documented_ones():
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from rag.errors import InvalidInput, Overloaded
+    from rag.errors import InvalidInput, Overloaded, Retryable, StageTimeout, StageUnavailable
 
+    assert all(issubclass(c, Retryable) for c in (Overloaded, StageTimeout, StageUnavailable))
     rows = [(cls, status, retry) for cls, status, retry in ERROR_TABLE]
     assert rows == [
         (RequestValidationError, 422, False),
         (InvalidInput, 422, False),
-        (Overloaded, 503, True),
+        (Retryable, 503, True),
         (StoreUnavailable, 503, True),
         (ModelError, 503, True),
         (ConfigError, 500, False),
@@ -445,11 +446,10 @@ def test_batch_cost_bounds_requests_and_pairs():
 
 def test_retriever_replica_starts_without_database_and_reports_it():
     """The real Retriever class (no Serve): a dead database -> StoreUnavailable per call, not a failed start."""
-    from deployments._args import RetrieverArgs
     from deployments.retriever import Retriever
 
     cls = Retriever.func_or_class
-    args = RetrieverArgs(database_url="postgresql://nobody@127.0.0.1:1/rag", connect_timeout_s=1)
+    args = StoreConfig(database_url="postgresql://nobody@127.0.0.1:1/rag", connect_timeout_s=1)
 
     async def run() -> None:
         r = cls.__new__(cls)

@@ -1,0 +1,171 @@
+"""Every Settings field reaches the stage that uses it, or says why it is process-local.
+
+Default tier: each field is tagged (stages or a local reason), the per-stage slices hold exactly their
+tagged fields, and the table of non-default values below covers every stage field.
+Serve tier: one app started with a non-default value for every stage field; ``GET /info`` reports, per
+stage, the configuration its replica holds, and each field is read back from it (parametrised). A new
+field with no tag, or with a tag and no non-default value here, fails a test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from helpers import cpu_app_config, free_port, ray_cluster, wait_ready
+from pydantic import SecretStr
+
+from rag.settings import STAGES, Settings, field_stages, local_reason
+
+STAGE_FIELDS = sorted(n for n in Settings.model_fields if field_stages(n))
+
+# A non-default value for every stage field, chosen so the app still runs on this machine. Three fields are
+# filled in by the fixture (they depend on it): database_url, data_dir and collection.
+NON_DEFAULT: dict[str, Any] = {
+    # store
+    "pool_min_size": 2,
+    "pool_max_size": 5,
+    "connect_timeout_s": 4.0,
+    "hnsw_m": 12,
+    "hnsw_ef_construction": 48,
+    "hnsw_ef_search_min": 30,
+    "hnsw_ef_search_factor": 3.0,
+    # models
+    "offline": True,
+    "embedding_model": "all-MiniLM-L6-v2",
+    "embedding_device": "cpu",
+    "embedding_dtype": "float32",
+    "embedding_runtime": "torch",
+    "embedding_threads": 1,
+    "embed_batch_size": 16,
+    "reranker": "cross-encoder",  # the default; see KEPT_DEFAULT
+    "rerank_model": "cross-encoder/ms-marco-MiniLM-L-12-v2",  # offline: the stand-in, under this name
+    "rerank_device": "cpu",
+    "rerank_dtype": "float32",
+    "rerank_batch_size": 16,
+    "rerank_max_length": 256,
+    "rerank_token_budget": 4096,
+    "rerank_threads": 1,
+    "rerank_runtime": "torch",
+    "rerank_refine_top": 3,
+    "rerank_refine_margin": 0.2,
+    "cohere_api_key": "sk-reach-test-key",
+    "cohere_base_url": "http://127.0.0.1:9/",
+    "cohere_model": "rerank-test",
+    "cohere_timeout_s": 3.0,
+    "cohere_max_retries": 1,
+    # search
+    "fetch_k": 30,
+    "top_k": 5,
+    "max_fetch_k": 500,
+    "max_query_chars": 2000,
+    "max_documents": 200,
+    "max_embed_inputs": 32,
+    "max_body_bytes": 500_000,
+    "budget_ms": 60_000.0,
+    "strict_rerank": True,
+    "request_timeout_s": 50.0,
+    "rerank_timeout_s": 45.0,
+    "embed_timeout_s": 9.0,
+    "retrieve_timeout_s": 8.0,
+    "ready_timeout_s": 3.0,
+}
+FROM_FIXTURE = {"database_url", "data_dir", "collection"}
+# Switching the backend replaces the model under test (cohere needs a server, none has no model); that the
+# slice carries ``reranker`` is read back all the same, and make_reranker's backends are tested in test_rerank.
+KEPT_DEFAULT = {"reranker": "switching the backend would replace the cross-encoder this app tests"}
+
+
+def test_every_field_is_used_by_a_stage_or_says_why_not():
+    for name in Settings.model_fields:
+        stages, reason = field_stages(name), local_reason(name)
+        assert stages or reason, f"Settings.{name}: tag it with the stages that use it, or local='why'"
+        assert set(stages) <= set(STAGES)
+
+
+def test_slices_hold_exactly_their_tagged_fields():
+    s = Settings()
+    for stage in STAGES:
+        got = set(s.slice(stage).model_dump())
+        assert got == {n for n in Settings.model_fields if stage in field_stages(n)}, stage
+
+
+def test_every_stage_field_has_a_non_default_value_here():
+    missing = set(STAGE_FIELDS) - set(NON_DEFAULT) - FROM_FIXTURE
+    assert not missing, f"add a non-default value for {sorted(missing)} to NON_DEFAULT"
+    for name, value in NON_DEFAULT.items():
+        default = Settings.model_fields[name].default
+        assert value != default or name in KEPT_DEFAULT, f"{name}={value!r} is the default"
+
+
+def test_slice_public_view_hides_secrets():
+    s = Settings(cohere_api_key="sk-x", database_url="postgresql://u:pw@h/db")
+    assert s.slice("reranker").public()["cohere_api_key"] == "***"
+    assert s.slice("store").public()["database_url"] == "postgresql://u:***@h/db"
+    assert isinstance(s.slice("reranker").cohere_api_key, SecretStr)
+
+
+# --------------------------------------------------------------------------------------------------
+# serve tier: one app with every stage field set to a non-default value
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reach(store, embedder, db_url, state_dir):
+    from deployments.launch import deploy
+    from rag.ingest import Document, ingest, iter_demo
+
+    name = "reach_" + uuid.uuid4().hex[:8]
+    docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=40)]
+    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    values = {**NON_DEFAULT, "database_url": db_url, "data_dir": str(state_dir), "collection": name}
+    cfg = cpu_app_config(db_url, state_dir, name, **NON_DEFAULT)
+    port = free_port()
+    try:
+        with ray_cluster("rag-reach-tests"):
+            deploy(cfg, host="127.0.0.1", port=port, timeout_s=600)
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url)
+            info = httpx.get(url + "/info", timeout=60).json()
+            search = httpx.post(url + "/search", json={"query": "parse a date"}, timeout=120)
+            yield values, info, search
+    finally:
+        store.drop_collection(name)
+
+
+def _expected(name: str, value: Any) -> Any:
+    if name == "cohere_api_key":
+        return "***"
+    if name == "database_url":
+        from rag.errors import redact_url
+
+        return redact_url(value)
+    return value
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("name", STAGE_FIELDS)
+def test_field_reaches_its_replica(reach, name):
+    values, info, _ = reach
+    for stage in field_stages(name):
+        held = info["stages"][stage]
+        assert "config" in held, f"/info has no configuration for {stage}: {held}"
+        assert held["config"][name] == _expected(name, values[name]), f"{stage} holds {name}"
+
+
+@pytest.mark.serve
+def test_info_reports_what_the_replicas_run(reach):
+    _, info, search = reach
+    assert search.status_code == 200, search.text
+    assert len(search.json()["results"]) == NON_DEFAULT["top_k"]  # the search default reached the ingress
+    st = info["stages"]
+    assert st["reranker"]["runtime"] == "torch" and st["reranker"]["threads"] == 1  # effective, not echoed
+    assert st["reranker"]["token_budget"] == 4096 and st["reranker"]["max_length"] == 256
+    assert st["reranker"]["model"] == NON_DEFAULT["rerank_model"] and st["reranker"]["trained"] is False
+    assert st["reranker"]["user_config"]["max_pairs_per_batch"] >= 1
+    assert st["embedder"]["runtime"] == "torch" and st["embedder"]["dtype"] == "float32"
+    assert "3" in st["store"]["ef_search_rule"] and st["store"]["database"]["pgvector"]
+    assert st["search"]["limits"]["max_documents"] == 200 and st["search"]["timeouts_s"]["rerank"] == 45.0
+    assert info["service"]["ray"] and info["service"]["version"]
+    text = str(info)
+    assert "sk-reach-test-key" not in text  # no secret in /info
