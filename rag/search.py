@@ -241,18 +241,20 @@ def two_stage(
 
 # -- drivers ----------------------------------------------------------------------------------------------
 def run_sync(policy: Generator[Step, Any, SearchResult], do: Callable[[Step], Any]) -> SearchResult:
-    """Drive ``policy`` with a blocking ``do(step)``; its exceptions are thrown into the policy."""
+    """Drive ``policy`` with a blocking ``do(step)``: ``run_async``'s loop, with nothing to wait for.
+
+    No event loop is needed (the coroutine never suspends), so it works inside a running one too."""
+
+    async def call(step: Step) -> Any:
+        return do(step)
+
+    coro = run_async(policy, call)
     try:
-        step = next(policy)
-        while True:
-            try:
-                result = None if isinstance(step, Dense) else do(step)
-            except Exception as e:
-                step = policy.throw(e)
-            else:
-                step = policy.send(result)
+        coro.send(None)
     except StopIteration as stop:
         return stop.value
+    coro.close()
+    raise RuntimeError("run_sync: a stage call suspended; use run_async")
 
 
 async def run_async(
