@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from rag.settings import Settings
+from rag.settings import SECRETS, Settings
 
 __all__ = ["AppArgs", "EmbedderUserConfig", "RerankerUserConfig"]
 
@@ -59,8 +59,9 @@ class AppArgs(Settings):
         return cls.model_validate({k: getattr(settings, k) for k in settings.model_fields_set})
 
     def explicit(self) -> dict[str, Any]:
-        """The explicitly set, non-secret fields as JSON values (for a Serve config's ``args:``)."""
-        return self.model_dump(mode="json", include=self.model_fields_set - {"cohere_api_key"})
+        """The explicitly set, non-secret fields as JSON values (for a Serve config's ``args:``; Ray logs
+        those, so secrets reach the app through the environment instead)."""
+        return self.model_dump(mode="json", include=self.model_fields_set - SECRETS)
 
 
 class EmbedderUserConfig(BaseModel):

@@ -9,6 +9,7 @@ Errors: routes raise; ``ERROR_TABLE`` below is the one place that maps an except
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from rag.errors import (
     RagError,
     Retryable,
     StoreUnavailable,
+    Unauthenticated,
 )
 from rag.search import Dense
 from rag.settings import SearchConfig
@@ -56,6 +58,7 @@ log = logging.getLogger("ray.serve")
 # The one exception -> HTTP status table. First matching row wins (isinstance); the third column says whether
 # the response carries Retry-After. Every row is exercised by tests/test_serve_errors.py.
 ERROR_TABLE: tuple[tuple[type[BaseException], int | None, bool], ...] = (
+    (Unauthenticated, 401, False),  # RAG_API_KEYS set, and no or an unknown `Authorization: Bearer` key
     (RequestValidationError, 422, False),  # wrong JSON types, missing fields, non-string documents
     (InvalidInput, 422, False),  # bad values: empty query, k out of range, too many documents, big body,
     #                              unknown collection (CollectionError), wrong dimension (DimensionMismatch)
@@ -82,7 +85,9 @@ _KNOWN_ROUTES = frozenset(
         "/openapi.json",
     }
 )
+OPEN_ROUTES = frozenset({"/healthz", "/readyz"})  # probes work without a key
 _ERRORS = {
+    401: {"model": ErrorBody, "description": "Missing or unknown API key (only when RAG_API_KEYS is set)."},
     422: {"model": ErrorBody, "description": "Invalid request: the message says what to fix."},
     503: {"model": ErrorBody, "description": "Overloaded or a dependency is down; see Retry-After."},
     500: {"model": ErrorBody, "description": "A bug."},
@@ -130,6 +135,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     headers = None
     if retry:
         headers = {"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after_s", 1.0) or 1.0)))}
+    if isinstance(exc, Unauthenticated):
+        headers = {"WWW-Authenticate": 'Bearer realm="rag-serve"'}
     body = {"error": _message(exc), "error_type": _error_type(exc, status)}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -138,11 +145,31 @@ async def _handle(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-class _Guard:
-    """ASGI middleware: bounds the request body (422 past ``max_body_bytes``) and counts requests."""
+def _bearer(scope: dict) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme is case-insensitive)."""
+    for k, v in scope.get("headers", []):
+        if k == b"authorization":
+            scheme, _, token = v.decode("latin-1").strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
 
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
-        self.app, self.max_body_bytes = app, max_body_bytes
+
+def key_matches(token: str | None, keys: list[str]) -> bool:
+    """Constant-time comparison against every configured key (no early exit on a match)."""
+    if token is None:
+        return False
+    given = token.encode()
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key.encode())
+    return found
+
+
+class _Guard:
+    """ASGI middleware: API keys (401), the body bound (422 past ``max_body_bytes``), request counts."""
+
+    def __init__(self, app: Any, max_body_bytes: int, api_keys: list[str]) -> None:
+        self.app, self.max_body_bytes, self.api_keys = app, max_body_bytes, api_keys
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -157,6 +184,15 @@ class _Guard:
             await send(message)
 
         try:
+            if self.api_keys and path not in OPEN_ROUTES and not key_matches(_bearer(scope), self.api_keys):
+                metrics.get("rag_auth_failures_total").inc(tags={"route": route})
+                await error_response(
+                    Unauthenticated(
+                        "missing or unknown API key: send `Authorization: Bearer <key>` with one of the "
+                        "service's keys (RAG_API_KEYS)"
+                    )
+                )(scope, receive, counting_send)
+                return None
             body = await self._read_body(scope, receive)
             if body is None:
                 limit = self.max_body_bytes
@@ -198,6 +234,14 @@ class _Guard:
         return b"".join(chunks)
 
 
+def auth_line(config: SearchConfig) -> str:
+    """The one start-up line that says whether the API needs a key."""
+    n = len(config.api_key_list())
+    if n:
+        return f"authentication: on ({n} API key{'s' if n > 1 else ''}; /healthz and /readyz stay open)"
+    return "authentication: OFF (RAG_API_KEYS unset): every route is open to anyone who can reach the port"
+
+
 def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
 
@@ -218,7 +262,9 @@ def create_app(service: SearchService) -> FastAPI:
     )
     for exc_type, _, _ in ERROR_TABLE:
         app.add_exception_handler(exc_type, _handle)
-    app.add_middleware(_Guard, max_body_bytes=service.config.max_body_bytes)
+    app.add_middleware(
+        _Guard, max_body_bytes=service.config.max_body_bytes, api_keys=service.config.api_key_list()
+    )
 
     def _request(req: SearchRequest) -> Any:
         return service.search_request(
@@ -379,6 +425,7 @@ class Ingress:
         config: SearchConfig,
     ) -> None:
         self.service = SearchService(embedder, retriever, reranker, config)
+        log.info(auth_line(config))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "GPU_CONFIG",
     "Running",
     "apply_settings",
+    "check_collections",
     "default_config",
     "deploy",
     "serve",
@@ -60,14 +62,18 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def apply_settings(config: dict[str, Any], settings: Settings, database_url: str) -> dict[str, Any]:
-    """A copy of ``config``: app args + explicitly set Settings, the database URL and data_dir."""
+    """A copy of ``config``: app args + explicitly set Settings, the database URL and data_dir.
+
+    Secrets are never written into the config (Ray logs it): build_app's Settings reads them from the
+    environment, which Ray's processes inherit from this one. The embedded database's URL (a local socket,
+    no password) is the exception: it is not in the environment, so it goes into ``args``."""
     cfg = copy.deepcopy(config)
-    # Secrets are never put in a config: build_app's Settings reads them from the environment.
     explicit = AppArgs.from_settings(settings).explicit()
     for app in cfg["applications"]:
         args = dict(app.get("args") or {})
         args.update(explicit)
-        args["database_url"] = database_url
+        if not Settings.in_environment("database_url"):
+            args["database_url"] = database_url
         args["data_dir"] = str(Path(settings.data_dir).expanduser().resolve())
         if settings.offline:
             args["offline"] = True
@@ -146,7 +152,10 @@ def serve(settings: Settings, config: Path | None, *, blocking: bool = True) -> 
     from rag.db import database_url
 
     config = Path(config) if config is not None else default_config()
-    cfg = apply_settings(load_config(config), settings, database_url(settings))
+    url = database_url(settings)
+    for warning in check_collections(settings, url):  # a bad attached table fails here, in one line
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    cfg = apply_settings(load_config(config), settings, url)
     ray.init(
         address="local",  # never attach to someone else's cluster
         namespace="serve",
@@ -180,11 +189,25 @@ def serve(settings: Settings, config: Path | None, *, blocking: bool = True) -> 
     return running
 
 
+def check_collections(settings: Settings, url: str) -> list[str]:
+    """Validate every attached table before serving it: ConfigError naming the fix, or the warnings."""
+    from rag.models import embedding_dimension
+    from rag.store import Store
+
+    dim = embedding_dimension(settings.embedding_model, offline=settings.offline)
+    if dim is None:
+        return [f"could not read {settings.embedding_model!r}'s dimension: attached tables not checked"]
+    with Store(url, min_size=0, max_size=1, timeout_s=settings.connect_timeout_s) as store:
+        return store.validate_attached(dim)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def _banner(r: Running, settings: Settings) -> None:
+    from deployments.ingress import auth_line
+
     print(
         f"\nrag-serve is up ({r.config.name}, collection {settings.collection!r})\n"
         f"  API       {r.url}   (OpenAPI: {r.url}/docs)\n"
@@ -192,6 +215,7 @@ def _banner(r: Running, settings: Settings) -> None:
         '-d \'{"query": "how do I parse a date?", "top_k": 3}\'\n'
         f"  ready     curl -s {r.url}/readyz\n"
         f"  metrics   {r.metrics_url}  (Prometheus; ours are ray_rag_*, Serve's ray_serve_*)\n"
+        f"  {auth_line(settings.slice('search'))}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )

@@ -84,6 +84,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("reason",),
         None,
     ),
+    "rag_auth_failures_total": (
+        "counter",
+        "Requests refused with 401 (no or an unknown API key), by route.",
+        ("route",),
+        None,
+    ),
     "rag_errors_total": (
         "counter",
         "Errors by stage (embed | retrieve | rerank | ingress) and error_type (rag.errors type).",

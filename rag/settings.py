@@ -17,6 +17,7 @@ stage field reaches its replica (read back from ``GET /info``).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -27,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
     "DEFAULT_RERANK_MODEL",
+    "SECRETS",
     "STAGES",
     "EmbedderConfig",
     "RerankerConfig",
@@ -57,6 +59,9 @@ def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
     extra = {"stages": list(stages)} if stages else {"local": local}
     return Field(default, json_schema_extra=extra, **kw)
 
+
+# Never written into a Serve config, a log line or /info: they travel through the environment.
+SECRETS = frozenset({"database_url", "cohere_api_key", "api_keys"})
 
 _CLI = "used by the CLI process only (rag ingest / rag db), never by a Serve replica"
 _LAUNCH = "bound by `rag serve` itself when it starts Ray and the HTTP proxy"
@@ -191,6 +196,12 @@ class Settings(BaseSettings):
     embed_timeout_s: float = _f(10.0, "search", gt=0, description="Ingress -> Embedder call timeout.")
     retrieve_timeout_s: float = _f(10.0, "search", gt=0, description="Ingress -> Retriever call timeout.")
     ready_timeout_s: float = _f(2.0, "search", gt=0, description="Per-component timeout of GET /readyz.")
+    api_keys: SecretStr | None = _f(
+        None,
+        "search",
+        description="Comma-separated API keys. Set: every route but /healthz and /readyz needs "
+        "`Authorization: Bearer <key>`. Unset: the service is open (and says so at start-up).",
+    )
 
     @field_validator("collection")
     @classmethod
@@ -203,6 +214,15 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_url_is_unset(cls, v: str | None) -> str | None:
         return v or None
+
+    @staticmethod
+    def in_environment(name: str) -> bool:
+        """Whether the field ``name`` is set by this process's environment (``RAG_<NAME>`` or an alias)."""
+        info = Settings.model_fields[name]
+        names = [f"RAG_{name.upper()}"]
+        alias = info.validation_alias
+        names += [c for c in getattr(alias, "choices", [alias]) if isinstance(c, str) and c.isupper()]
+        return any(os.environ.get(n) for n in names)
 
     @property
     def pgdata(self) -> Path:
@@ -287,6 +307,11 @@ class _StoreStage(StageConfig):
 
 
 class _SearchStage(StageConfig):
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (empty: authentication is off)."""
+        keys: Any = self.api_keys  # type: ignore[attr-defined]
+        return [k.strip() for k in keys.get_secret_value().split(",") if k.strip()] if keys else []
+
     @property
     def rerank_wait_s(self) -> float:
         """How long the ingress waits for the Reranker."""

@@ -68,7 +68,13 @@ def cpu_app_config(db_url: str, state_dir: Path, collection: str, **args: Any) -
     cfg = yaml.safe_load(CPU_CONFIG.read_text())
     app = cfg["applications"][0]
     app["args"].update(
-        {"database_url": db_url, "data_dir": str(state_dir), "collection": collection, "offline": True, **args}
+        {
+            "database_url": db_url,
+            "data_dir": str(state_dir),
+            "collection": collection,
+            "offline": True,
+            **args,
+        }
     )
     app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(HF_HUB_OFFLINE="1")
     for d in app["deployments"]:

@@ -140,11 +140,19 @@ def test_table_rows_are_the_documented_ones():
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from rag.errors import InvalidInput, Overloaded, Retryable, StageTimeout, StageUnavailable
+    from rag.errors import (
+        InvalidInput,
+        Overloaded,
+        Retryable,
+        StageTimeout,
+        StageUnavailable,
+        Unauthenticated,
+    )
 
     assert all(issubclass(c, Retryable) for c in (Overloaded, StageTimeout, StageUnavailable))
     rows = [(cls, status, retry) for cls, status, retry in ERROR_TABLE]
     assert rows == [
+        (Unauthenticated, 401, False),
         (RequestValidationError, 422, False),
         (InvalidInput, 422, False),
         (Retryable, 503, True),
@@ -461,3 +469,50 @@ def test_retriever_replica_starts_without_database_and_reports_it():
         assert r.__del__() is None  # no pool was ever opened
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------------------------------
+# API keys (RAG_API_KEYS)
+# --------------------------------------------------------------------------------------------------
+def test_api_keys_guard_every_route_but_the_probes():
+    client, _ = make(api_keys="key-one, key-two")
+    for path in ("/healthz", "/readyz"):
+        assert client.get(path).status_code == 200, path  # probes stay open
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic a2V5LW9uZQ=="}):
+        r = client.post("/search", json={"query": "q"}, headers=headers)
+        body = check_error(r, 401, "unauthenticated")
+        assert "RAG_API_KEYS" in body["error"] and r.headers["www-authenticate"].startswith("Bearer")
+        assert "key-one" not in r.text
+    for path in ("/info", "/docs", "/openapi.json"):
+        assert client.get(path).status_code == 401, path
+    ok = {"Authorization": "Bearer key-two"}
+    assert client.post("/search", json={"query": "q"}, headers=ok).status_code == 200
+    assert (
+        client.post("/search", json={"query": "q"}, headers={"authorization": "bearer key-one"}).status_code
+        == 200
+    )
+    assert client.get("/openapi.json", headers=ok).status_code == 200
+
+
+def test_the_real_cohere_client_sends_its_key_as_bearer():
+    import cohere
+
+    client, _ = make(api_keys="co-key")
+    good = cohere.ClientV2(api_key="co-key", base_url="http://testserver", httpx_client=client)
+    res = good.rerank(model="m", query="capital of France?", documents=["Paris", "Berlin"], top_n=2)
+    assert sorted(r.index for r in res.results) == [0, 1]
+    bad = cohere.ClientV2(api_key="wrong", base_url="http://testserver", httpx_client=client)
+    with pytest.raises(Exception) as e:
+        bad.rerank(model="m", query="q", documents=["a"])
+    assert getattr(e.value, "status_code", None) == 401
+
+
+def test_no_keys_means_open_and_the_start_up_line_says_so():
+    from deployments.ingress import auth_line, key_matches
+    from rag.settings import Settings
+
+    client, _ = make()
+    assert client.post("/search", json={"query": "q"}).status_code == 200
+    assert "OFF" in auth_line(Settings().slice("search"))
+    assert "on (2 API keys" in auth_line(Settings(api_keys="a,b").slice("search"))
+    assert key_matches("b", ["a", "b"]) and not key_matches("c", ["a", "b"]) and not key_matches(None, ["a"])

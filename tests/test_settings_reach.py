@@ -10,6 +10,7 @@ field with no tag, or with a tag and no non-default value here, fails a test.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -71,6 +72,7 @@ NON_DEFAULT: dict[str, Any] = {
     "embed_timeout_s": 9.0,
     "retrieve_timeout_s": 8.0,
     "ready_timeout_s": 3.0,
+    "api_keys": "reach-key-1,reach-key-2",
 }
 FROM_FIXTURE = {"database_url", "data_dir", "collection"}
 # Switching the backend replaces the model under test (cohere needs a server, none has no model); that the
@@ -110,31 +112,64 @@ def test_slice_public_view_hides_secrets():
 # --------------------------------------------------------------------------------------------------
 # serve tier: one app with every stage field set to a non-default value
 # --------------------------------------------------------------------------------------------------
+DB_PASSWORD = "reach-db-secret"
+
+
 @pytest.fixture(scope="module")
 def reach(store, embedder, db_url, state_dir):
+    """The app, deployed the way `rag serve` deploys it: secrets only in the environment Ray's processes
+    inherit (never in the config's args, which Ray logs). Yields (values, /info, a /search, leaked secrets)."""
     from deployments.launch import deploy
     from rag.ingest import Document, ingest, iter_demo
+    from rag.settings import SECRETS
 
     name = "reach_" + uuid.uuid4().hex[:8]
     docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=40)]
     ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
-    values = {**NON_DEFAULT, "database_url": db_url, "data_dir": str(state_dir), "collection": name}
-    cfg = cpu_app_config(db_url, state_dir, name, **NON_DEFAULT)
+    url = db_url.replace("postgres:@", f"postgres:{DB_PASSWORD}@", 1)
+    assert DB_PASSWORD in url, "the test database URL has an unexpected form"
+    values = {**NON_DEFAULT, "database_url": url, "data_dir": str(state_dir), "collection": name}
+    cfg = cpu_app_config(
+        db_url, state_dir, name, **{k: v for k, v in NON_DEFAULT.items() if k not in SECRETS}
+    )
+    cfg["applications"][0]["args"].pop("database_url")
     port = free_port()
+    mp = pytest.MonkeyPatch()
     try:
+        for field in SECRETS:
+            mp.setenv(f"RAG_{field.upper()}", values[field])
         with ray_cluster("rag-reach-tests"):
             deploy(cfg, host="127.0.0.1", port=port, timeout_s=600)
             url = f"http://127.0.0.1:{port}"
             wait_ready(url)
-            info = httpx.get(url + "/info", timeout=60).json()
-            search = httpx.post(url + "/search", json={"query": "parse a date"}, timeout=120)
-            yield values, info, search
+            auth = {"Authorization": "Bearer reach-key-2"}
+            assert httpx.get(url + "/info", timeout=60).status_code == 401  # api_keys reached the ingress
+            info = httpx.get(url + "/info", headers=auth, timeout=60).json()
+            search = httpx.post(url + "/search", json={"query": "parse a date"}, headers=auth, timeout=120)
+            httpx.post(
+                url + "/search", json={"query": "x", "collection": "nope_zz"}, headers=auth, timeout=60
+            )
+            yield values, info, search, _leaks([DB_PASSWORD, "sk-reach-test-key", "reach-key-1"])
     finally:
+        mp.undo()
         store.drop_collection(name)
 
 
+def _leaks(secrets: list[str]) -> list[str]:
+    """Every Ray session log file (controller, replicas, workers' .out/.err) that holds a secret."""
+    import ray
+
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    found = []
+    for path in sorted(Path(logs).rglob("*")):
+        if path.is_file():
+            text = path.read_bytes().decode("utf-8", "replace")
+            found += [f"{path.name}: {s}" for s in secrets if s in text]
+    return found
+
+
 def _expected(name: str, value: Any) -> Any:
-    if name == "cohere_api_key":
+    if name in ("cohere_api_key", "api_keys"):
         return "***"
     if name == "database_url":
         from rag.errors import redact_url
@@ -146,7 +181,7 @@ def _expected(name: str, value: Any) -> Any:
 @pytest.mark.serve
 @pytest.mark.parametrize("name", STAGE_FIELDS)
 def test_field_reaches_its_replica(reach, name):
-    values, info, _ = reach
+    values, info, _, _ = reach
     for stage in field_stages(name):
         held = info["stages"][stage]
         assert "config" in held, f"/info has no configuration for {stage}: {held}"
@@ -155,7 +190,7 @@ def test_field_reaches_its_replica(reach, name):
 
 @pytest.mark.serve
 def test_info_reports_what_the_replicas_run(reach):
-    _, info, search = reach
+    _, info, search, _ = reach
     assert search.status_code == 200, search.text
     assert len(search.json()["results"]) == NON_DEFAULT["top_k"]  # the search default reached the ingress
     st = info["stages"]
@@ -168,4 +203,10 @@ def test_info_reports_what_the_replicas_run(reach):
     assert st["search"]["limits"]["max_documents"] == 200 and st["search"]["timeouts_s"]["rerank"] == 45.0
     assert info["service"]["ray"] and info["service"]["version"]
     text = str(info)
-    assert "sk-reach-test-key" not in text  # no secret in /info
+    assert "sk-reach-test-key" not in text and "reach-key-1" not in text  # no secret in /info
+
+
+@pytest.mark.serve
+def test_no_secret_in_any_log_file(reach):
+    *_, leaks = reach
+    assert not leaks, f"secrets written to Ray's logs: {leaks}"
