@@ -198,6 +198,7 @@ class CrossEncoderReranker:
         return {
             "backend": "cross-encoder",
             "model": self.resolved.requested,
+            "revision": model_revision(self.resolved.path),
             "source": self.resolved.source,
             "device": self.device,
             "dtype": self.dtype,
@@ -343,6 +344,26 @@ class CrossEncoderReranker:
         return [float(scores[w]) for w in where], timings
 
 
+def model_revision(path: str) -> str:
+    """The model's revision: the hub snapshot's commit, else a hash of the model files' names, sizes and
+    modification times (a local folder or the stand-in)."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(path)
+    if p.parent.name == "snapshots":
+        return p.name
+    h = hashlib.sha256(str(p.resolve()).encode())
+    try:
+        for f in sorted(p.iterdir()):
+            if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt"}:
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    except OSError:
+        pass
+    return h.hexdigest()[:16]
+
+
 def _seq_cls_logits(model: Any, feeds: dict) -> Any:
     return model(**feeds).logits
 
@@ -381,6 +402,7 @@ class CohereReranker:
             "dtype": None,
             "trained": True,
             "base_url": self.base_url,
+            "revision": None,
         }
 
     def _rerank(self, query: str, docs: list[str]) -> list[float]:

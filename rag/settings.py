@@ -146,6 +146,34 @@ class Settings(BaseSettings):
     rerank_refine_margin: float = _f(
         0.1, "reranker", ge=0, description="Also rescore pairs within this many logits of the N-th best."
     )
+    rerank_long_documents: Literal["max", "mean", "first"] = _f(
+        "max",
+        "reranker",
+        description="Rerank routes: a document longer than the model's window is split into overlapping "
+        "windows; its score is the max (or mean) of theirs, or the first window's only (truncation).",
+    )
+    rerank_max_tokens_per_doc: int = _f(
+        4096,
+        "reranker",
+        ge=1,
+        description="Tokens of each document read at most (Cohere's max_tokens_per_doc default and cap).",
+    )
+    rerank_window_overlap: int = _f(
+        64, "reranker", ge=0, description="Tokens shared by consecutive windows of a long document."
+    )
+    rerank_search_windows: int = _f(
+        1,
+        "reranker",
+        ge=1,
+        description="Windows scored per /search candidate (chunks): 1 = the first window (truncation).",
+    )
+    rerank_cache: bool = _f(True, "reranker", description="Cache rerank scores in each Reranker replica.")
+    rerank_cache_entries: int = _f(
+        200_000, "reranker", ge=1, description="Score cache bound: entries per Reranker replica."
+    )
+    rerank_cache_bytes: int = _f(
+        64 << 20, "reranker", ge=4096, description="Score cache bound: estimated bytes per Reranker replica."
+    )
 
     cohere_api_key: SecretStr | None = _f(
         None,

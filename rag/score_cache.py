@@ -1,0 +1,185 @@
+"""The rerank score cache: an LRU of (query, document) scores, bounded in entries and in bytes.
+
+Key: the scoring model's identity (backend, model id and revision, dtype, runtime, max_length: whatever
+changes a score), the query text, and a 128-bit BLAKE2b hash of the document text (the window text for
+split documents). Value: the score the reranker returned for that pair. ``CachedReranker`` wraps any
+``rag.rerank.Reranker``: a call looks every pair up, sends only the pairs it lacks (deduplicated) to the
+wrapped reranker in one call, and stores their scores.
+
+A cached score is the score the pair got when it was computed. In float32 that is the pair's score in any
+batch. With the bf16 screen + fp32 refine fast path, a pair outside its query's head in that batch keeps
+its bf16 score; a request identical to the one that filled the cache gets exactly the same scores (the
+fidelity test), one that mixes cached and new pairs of a query can differ from an uncached call by the
+bf16 error (~1e-2 logits) on pairs that were not in the head when first scored.
+
+Sizes are estimates: ``ENTRY_OVERHEAD`` bytes of Python objects per entry plus the query's UTF-8 bytes
+(counted per entry although entries of one request share the string) plus the 16-byte digest.
+
+Pure Python; no ray. One cache per Reranker replica (thread-safe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["ENTRY_OVERHEAD", "CachedReranker", "ScoreCache", "model_key", "with_cache"]
+
+# OrderedDict node, key tuple, bytes digest, value tuple and float (CPython 3.11): an estimate per entry
+ENTRY_OVERHEAD = 200
+
+
+def model_key(info: dict[str, Any]) -> str:
+    """What identifies a scoring function, from a reranker's ``info()``."""
+    parts = ("backend", "model", "revision", "dtype", "runtime", "max_length", "refine_top", "refine_margin")
+    return "|".join(f"{k}={info.get(k)}" for k in parts)
+
+
+class ScoreCache:
+    """LRU of pair scores, at most ``max_entries`` entries and ``max_bytes`` (estimated) bytes."""
+
+    def __init__(self, max_entries: int, max_bytes: int, *, namespace: str = "") -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("the score cache needs max_entries >= 1 and max_bytes >= 1")
+        self.max_entries, self.max_bytes = int(max_entries), int(max_bytes)
+        self.namespace = namespace.encode()
+        self._data: OrderedDict[tuple[str, bytes], tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def key(self, query: str, document: str) -> tuple[str, bytes]:
+        h = hashlib.blake2b(self.namespace, digest_size=16)
+        h.update(b"\x00")
+        h.update(document.encode("utf-8", "surrogatepass"))
+        return (query, h.digest())
+
+    def get_many(self, keys: Sequence[tuple[str, bytes]]) -> list[float | None]:
+        out: list[float | None] = []
+        with self._lock:
+            for k in keys:
+                v = self._data.get(k)
+                if v is None:
+                    self.misses += 1
+                    out.append(None)
+                else:
+                    self._data.move_to_end(k)
+                    self.hits += 1
+                    out.append(v[0])
+        return out
+
+    def put_many(self, items: Sequence[tuple[tuple[str, bytes], float]]) -> None:
+        with self._lock:
+            for k, score in items:
+                size = ENTRY_OVERHEAD + len(k[0].encode("utf-8", "surrogatepass")) + len(k[1])
+                if size > self.max_bytes:
+                    continue
+                old = self._data.pop(k, None)
+                if old is not None:
+                    self.bytes -= old[1]
+                self._data[k] = (float(score), size)
+                self.bytes += size
+                while len(self._data) > self.max_entries or self.bytes > self.max_bytes:
+                    _, (_, s) = self._data.popitem(last=False)
+                    self.bytes -= s
+                    self.evictions += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def info(self) -> dict[str, Any]:
+        """The bound and the current state (GET /info)."""
+        with self._lock:
+            looked = self.hits + self.misses
+            return {
+                "enabled": True,
+                "max_entries": self.max_entries,
+                "max_bytes": self.max_bytes,
+                "entries": len(self._data),
+                "bytes": self.bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "hit_rate": round(self.hits / looked, 4) if looked else None,
+                "key": "(model and revision, query text, BLAKE2b-128 of the document text)",
+            }
+
+
+class CachedReranker:
+    """A ``Reranker`` that answers pairs from a ``ScoreCache`` and computes only the ones it lacks."""
+
+    def __init__(self, inner: Any, cache: ScoreCache) -> None:
+        self.inner, self.cache = inner, cache
+        self.enabled = inner.enabled
+        self.last_timings: dict[str, float] = {}
+
+    def info(self) -> dict[str, Any]:
+        return self.inner.info()
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        scores, self.last_timings, _ = self.score_with_hits(pairs)
+        return scores
+
+    def score_timed(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], dict[str, float]]:
+        scores, timings, _ = self.score_with_hits(pairs)
+        return scores, timings
+
+    def score_with_hits(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[list[float], dict[str, float], list[bool]]:
+        """(scores, timings incl. cache_hits / cache_misses, per pair: answered from the cache)."""
+        from rag.rerank import validate_pairs
+
+        validate_pairs(pairs)  # before anything is looked up or stored
+        t0 = time.perf_counter()
+        keys = [self.cache.key(q, d) for q, d in pairs]
+        found = self.cache.get_many(keys)
+        hit = [v is not None for v in found]
+        todo: dict[tuple[str, bytes], int] = {}
+        for i, v in enumerate(found):
+            if v is None:
+                todo.setdefault(keys[i], i)
+        lookup_ms = (time.perf_counter() - t0) * 1e3
+        timings: dict[str, float] = {}
+        computed: dict[tuple[str, bytes], float] = {}
+        if todo:
+            miss_pairs = [pairs[i] for i in todo.values()]
+            if hasattr(self.inner, "score_timed"):
+                scores, timings = self.inner.score_timed(miss_pairs)
+            else:
+                scores = self.inner.score(miss_pairs)
+                timings = dict(getattr(self.inner, "last_timings", None) or {})
+            if len(scores) != len(miss_pairs):
+                from rag.errors import RerankerError
+
+                raise RerankerError(f"reranker returned {len(scores)} scores for {len(miss_pairs)} pairs")
+            computed = {k: float(s) for k, s in zip(todo, scores, strict=True)}
+            self.cache.put_many(list(computed.items()))
+        out = [found[i] if found[i] is not None else computed[keys[i]] for i in range(len(pairs))]
+        timings = {
+            **timings,
+            "pairs": len(pairs),
+            "cache_hits": sum(hit),
+            "cache_misses": len(pairs) - sum(hit),
+            "cache_lookup_ms": lookup_ms,
+        }
+        timings.setdefault("inference_ms", 0.0)
+        return [float(x) for x in out], timings, hit  # type: ignore[arg-type]
+
+
+def with_cache(reranker: Any, cfg: Any) -> Any:
+    """``reranker`` behind a ``ScoreCache`` sized by ``cfg`` (a RerankerConfig or Settings), unless
+    ``rerank_cache`` is off or the reranker is disabled."""
+    if not getattr(cfg, "rerank_cache", False) or not reranker.enabled:
+        return reranker
+    cache = ScoreCache(cfg.rerank_cache_entries, cfg.rerank_cache_bytes, namespace=model_key(reranker.info()))
+    return CachedReranker(reranker, cache)
