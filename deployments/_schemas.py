@@ -11,14 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 __all__ = [
     "CohereRerankRequest",
     "CohereRerankResponse",
+    "CohereV1RerankRequest",
     "EmbedRequest",
     "ErrorBody",
     "Hit",
+    "OpenAIEmbeddingsRequest",
+    "OpenAIEmbeddingsResponse",
     "RerankerInfo",
     "SearchRequest",
     "SearchResponse",
     "TEIRank",
     "TEIRerankRequest",
+    "V1RerankResponse",
 ]
 
 
@@ -89,42 +93,84 @@ class SearchResponse(BaseModel):
     reranker: RerankerInfo
 
 
-# -- /v2/rerank (Cohere) ---------------------------------------------------------------------------
+# -- rerank routes: Cohere v2 (/v2/rerank), Cohere v1 and Jina (/v1/rerank), TEI (/rerank) ----------
+DocumentIn = StrictStr | dict[str, Any]
+_DOCS = (
+    "Strings, or objects `{id?, text}` (Jina, vLLM; Cohere v1's `rank_fields` names the text field); "
+    "both may be mixed. Ids must not repeat; they come back in the results."
+)
+_MAX_TOKENS = (
+    "Tokens of each document read (default and cap: RAG_RERANK_MAX_TOKENS_PER_DOC, 4096). A document "
+    "longer than the model's window is split into overlapping windows; its score is the best window's."
+)
+
+
 class CohereRerankRequest(BaseModel):
     """Cohere Rerank v2 request (``cohere.ClientV2.rerank``). Unknown fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
     model: StrictStr | None = Field(None, description="Accepted for compatibility; the served model is used.")
     query: StrictStr
-    documents: list[StrictStr]
+    documents: list[DocumentIn] = Field(description=_DOCS)
     top_n: StrictInt | None = Field(None, description="Results to return (default: all).")
-    max_tokens_per_doc: StrictInt | None = Field(
-        None, description="Accepted; the model truncates at 512 tokens."
-    )
+    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
+    return_documents: StrictBool = Field(False, description="Return each result's text as `document.text`.")
 
 
 class CohereV1RerankRequest(BaseModel):
-    """Cohere Rerank v1 request (``cohere.Client.rerank``, used by LlamaIndex's CohereRerank)."""
+    """Cohere Rerank v1 (``cohere.Client.rerank``, LlamaIndex's CohereRerank) and Jina Rerank
+    (``POST /v1/rerank`` of api.jina.ai and vLLM; LlamaIndex's and LangChain's JinaRerank) requests."""
 
     model_config = ConfigDict(extra="allow")
     model: StrictStr | None = None
     query: StrictStr
-    documents: list[StrictStr | dict[str, Any]]
+    documents: list[DocumentIn] = Field(description=_DOCS)
     top_n: StrictInt | None = None
-    return_documents: StrictBool = False
+    return_documents: StrictBool | None = Field(
+        None,
+        description="Return the texts. Unset: true when `model` is a Jina model (Jina's default), else "
+        "false (Cohere v1's default).",
+    )
     rank_fields: list[StrictStr] | None = None
+    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
+
+
+class RerankDocumentOut(BaseModel):
+    text: str
+
+
+class Span(BaseModel):
+    start: int = Field(description="First character of the best-scoring window.")
+    end: int = Field(description="One past its last character.")
 
 
 class CohereResult(BaseModel):
     model_config = ConfigDict(extra="allow")
     index: int
     relevance_score: float
+    id: str | int | None = Field(None, description="The document's id, when it was sent with one.")
+    document: RerankDocumentOut | None = None
+    span: Span | None = Field(
+        None, description="When the document was split: the character span of the window that scored best."
+    )
+    windows: int | None = Field(None, description="Windows scored when the document was split.")
 
 
 class CohereRerankResponse(BaseModel):
     id: str
     results: list[CohereResult]
-    meta: dict[str, Any]
+    meta: dict[str, Any] = Field(
+        description="api_version, billed_units.search_units (windows / 100, rounded up), "
+        "tokens.input_tokens, warnings."
+    )
+
+
+class V1RerankResponse(CohereRerankResponse):
+    """Cohere v1 (id, results, meta) and Jina (model, results, usage) in one body: either client reads
+    its fields and ignores the others."""
+
+    model: str | None = None
+    usage: dict[str, int] = Field(description="Jina's usage: total_tokens (= prompt_tokens).")
 
 
 # -- /rerank (TEI) ---------------------------------------------------------------------------------
@@ -136,20 +182,52 @@ class TEIRerankRequest(BaseModel):
     texts: list[StrictStr]
     raw_scores: StrictBool = Field(False, description="Logits instead of sigmoid scores.")
     return_text: StrictBool = False
-    truncate: StrictBool | None = None
+    truncate: StrictBool | None = Field(
+        None,
+        description="TEI's meaning: false = a text that does not fit the model with the query is a 422; "
+        "true = only its first window is scored. Unset: long texts are split into windows.",
+    )
     truncation_direction: Literal["Left", "Right", "left", "right"] | None = None
+    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
 
 
 class TEIRank(BaseModel):
     index: int
     score: float
     text: str | None = None
+    span: Span | None = None
 
 
-# -- /embed (TEI) ----------------------------------------------------------------------------------
+# -- /embed (TEI), /v1/embeddings (OpenAI) ---------------------------------------------------------
 class EmbedRequest(BaseModel):
     """TEI ``/embed`` request: one text or a list; the answer is a list of vectors."""
 
     model_config = ConfigDict(extra="allow")
     inputs: StrictStr | list[StrictStr]
     normalize: StrictBool = Field(True, description="Vectors are always L2-normalised.")
+
+
+class OpenAIEmbeddingsRequest(BaseModel):
+    """OpenAI ``POST /v1/embeddings`` (``openai.OpenAI(base_url=...).embeddings.create``)."""
+
+    model_config = ConfigDict(extra="allow")
+    input: StrictStr | list[StrictStr] = Field(description="A text or a list of texts (not token ids).")
+    model: StrictStr | None = Field(None, description="Accepted; the served embedding model is used.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian float32 bytes, as OpenAI sends them."
+    )
+    dimensions: StrictInt | None = Field(None, description="Must be the model's dimension when given.")
+    user: StrictStr | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: dict[str, int] = Field(description="prompt_tokens and total_tokens (the embedder's tokenizer).")

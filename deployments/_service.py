@@ -20,7 +20,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
-from rag.errors import Overloaded, RagError, StageTimeout, StageUnavailable
+from rag.errors import InvalidInput, Overloaded, RagError, StageTimeout, StageUnavailable
 from rag.search import (
     Dense,
     Embed,
@@ -92,6 +92,7 @@ class SearchService:
         self.config: Any = config
         self.latency = LatencyModel()
         self._reranker_info: dict[str, Any] | None = None
+        self._embedder_info: dict[str, Any] | None = None
         self._reranker_info_at = 0.0
 
     # -- handle calls ------------------------------------------------------------------------------
@@ -194,18 +195,43 @@ class SearchService:
 
     # -- other routes ------------------------------------------------------------------------------
     async def rerank_scores(self, query: str, documents: list[str]) -> list[float]:
-        """Scores for the rerank routes (errors are not degraded here: there is no dense order)."""
+        """Scores only (see ``rerank_documents``)."""
+        return (await self.rerank_documents(query, documents))["scores"]
+
+    async def rerank_documents(
+        self,
+        query: str,
+        documents: list[str],
+        *,
+        max_tokens_per_doc: int | None = None,
+        truncate: bool | None = None,
+        field: str = "documents",
+    ) -> dict[str, Any]:
+        """The rerank routes' call: long documents split into windows by the Reranker, one score per
+        document, the best window's span, and usage (pairs, tokens, cache hits, queue/inference/total ms).
+        Errors are not degraded here: there is no dense order."""
         validate_query(query, max_chars=self.config.max_query_chars)
-        validate_documents(documents, limit=self.config.documents_limit)
+        validate_documents(documents, limit=self.config.documents_limit, field=field)
+        if max_tokens_per_doc is not None and max_tokens_per_doc < 1:
+            raise InvalidInput(f"max_tokens_per_doc must be a positive integer, got {max_tokens_per_doc}")
         t0 = time.perf_counter()
         timeout_s = self.config.rerank_wait_s
-        scores = await self.call(
-            "rerank", self.reranker.rerank.remote(query, documents, deadline_s=timeout_s), timeout_s
+        out = await self.call(
+            "rerank",
+            self.reranker.rerank_documents.remote(
+                query,
+                documents,
+                timeout_s,
+                max_tokens_per_doc=max_tokens_per_doc,
+                truncate=truncate,
+                field=field,
+            ),
+            timeout_s,
         )
         ms = (time.perf_counter() - t0) * 1e3
-        self.latency.observe(ms, len(documents))
+        self.latency.observe(ms, max(1, int(out.get("pairs") or len(documents))))
         _observe("rerank", ms)
-        return scores
+        return {**out, "total_ms": ms}
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         c = self.config
@@ -215,12 +241,27 @@ class SearchService:
         _observe("embed", (time.perf_counter() - t0) * 1e3)
         return [[float(x) for x in v] for v in vecs]
 
+    async def embed_with_usage(self, texts: list[str]) -> tuple[list[Any], list[int], dict[str, Any]]:
+        """Vectors (float32 arrays), tokens per text, and the embedder's info (OpenAI's /v1/embeddings)."""
+        c = self.config
+        validate_texts(texts, limit=c.max_embed_inputs, max_chars=c.max_query_chars)
+        t0 = time.perf_counter()
+        vecs, tokens = await asyncio.gather(
+            self.call("embed", self.embedder.embed_many.remote(texts), c.embed_timeout_s),
+            self.call("embed", self.embedder.count_tokens.remote(texts), c.embed_timeout_s),
+        )
+        _observe("embed", (time.perf_counter() - t0) * 1e3)
+        if self._embedder_info is None:
+            self._embedder_info = await self.call("embed", self.embedder.info.remote(), c.ready_timeout_s)
+        return list(vecs), [int(t) for t in tokens], dict(self._embedder_info or {})
+
     async def reranker_info(self, max_age_s: float = 30.0) -> dict[str, Any]:
         """What the Reranker runs (cached; refreshed every ``max_age_s`` in case it was redeployed)."""
         if self._reranker_info is None or time.monotonic() - self._reranker_info_at > max_age_s:
             try:
                 info = await self.call("rerank", self.reranker.info.remote(), self.config.ready_timeout_s)
-                self._reranker_info = {k: v for k, v in info.items() if k not in ("config", "user_config")}
+                drop = ("config", "user_config", "score_cache", "long_documents")  # /info has them
+                self._reranker_info = {k: v for k, v in info.items() if k not in drop}
                 self._reranker_info_at = time.monotonic()
             except Exception as e:
                 log.warning("could not get the reranker's info: %s", e)

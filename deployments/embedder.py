@@ -62,6 +62,13 @@ class Embedder:
             validate_query(t, f"inputs[{i}]")
         return list(await asyncio.gather(*(self.embed_batch(t) for t in texts)))
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens the model reads of each text (special tokens included, cut at its max_seq_length): the
+        ``usage`` of ``POST /v1/embeddings``."""
+        e = self.embedder
+        enc = e.tokenizer(list(texts), truncation=True, max_length=e.max_seq_length, verbose=False)
+        return [len(x) for x in enc["input_ids"]]
+
     def info(self) -> dict[str, Any]:
         """What this replica runs and the configuration it was given (GET /info)."""
         return {

@@ -1,13 +1,14 @@
 """Ingress deployment: the HTTP API (FastAPI, OpenAPI at ``/docs``) over the Embedder, Retriever and Reranker.
 
 Routes: ``POST /search``, ``POST /search/stream`` (SSE), ``POST /v2/rerank`` (Cohere v2; ``/v1/rerank`` for
-Cohere v1 clients), ``POST /rerank`` (TEI), ``POST /embed`` (TEI), ``GET /healthz``, ``GET /readyz``,
-``GET /info`` (the effective configuration of every stage).
+Cohere v1 and Jina clients), ``POST /rerank`` (TEI), ``POST /embed`` (TEI), ``POST /v1/embeddings`` (OpenAI),
+``GET /healthz``, ``GET /readyz``, ``GET /info`` (the effective configuration of every stage).
 
 Errors: routes raise; ``ERROR_TABLE`` below is the one place that maps an exception type to an HTTP status.
 """
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -17,7 +18,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+import numpy as np
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -31,10 +33,13 @@ from deployments._schemas import (
     CohereV1RerankRequest,
     EmbedRequest,
     ErrorBody,
+    OpenAIEmbeddingsRequest,
+    OpenAIEmbeddingsResponse,
     SearchRequest,
     SearchResponse,
     TEIRank,
     TEIRerankRequest,
+    V1RerankResponse,
 )
 from deployments._service import SearchService, logit
 from rag.errors import (
@@ -78,6 +83,7 @@ _KNOWN_ROUTES = frozenset(
         "/v1/rerank",
         "/rerank",
         "/embed",
+        "/v1/embeddings",
         "/healthz",
         "/readyz",
         "/info",
@@ -242,6 +248,19 @@ def auth_line(config: SearchConfig) -> str:
     return "authentication: OFF (RAG_API_KEYS unset): every route is open to anyone who can reach the port"
 
 
+def _usage_headers(response: Response, out: dict[str, Any]) -> None:
+    """TEI's usage headers (milliseconds, integers), from the Reranker's measurements: tokens the model
+    read, total time in the ingress, time waiting for a batch, the batch's model time; and cache hits."""
+    if out.get("tokens") is not None:
+        response.headers["x-compute-tokens"] = str(int(out["tokens"]))
+    response.headers["x-total-time"] = str(round(out.get("total_ms", 0.0)))
+    response.headers["x-tokenization-time"] = str(round(out.get("tokenize_ms", 0.0)))
+    response.headers["x-queue-time"] = str(round(out.get("queue_ms", 0.0)))
+    response.headers["x-inference-time"] = str(round(out.get("inference_ms", 0.0)))
+    response.headers["x-rerank-pairs"] = str(int(out.get("pairs") or 0))
+    response.headers["x-rerank-cache-hits"] = str(int(out.get("cache_hits") or 0))
+
+
 def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
 
@@ -322,66 +341,166 @@ def create_app(service: SearchService) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @app.post("/v2/rerank", response_model=CohereRerankResponse, responses=_ERRORS)
-    async def cohere_rerank_v2(req: CohereRerankRequest) -> dict[str, Any]:
-        """Cohere Rerank v2 (`cohere.ClientV2(base_url=...)`, LangChain's CohereRerank)."""
-        return await _cohere(req.query, req.documents, req.top_n, None)
+    @app.post("/v2/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True,
+              responses=_ERRORS)  # fmt: skip
+    async def cohere_rerank_v2(req: CohereRerankRequest, response: Response) -> dict[str, Any]:
+        """Cohere Rerank v2 (`cohere.ClientV2(base_url=...)`, LangChain's CohereRerank). Documents may be
+        `{id?, text}` objects; long documents are split (`max_tokens_per_doc`); usage in `meta`, headers."""
+        texts, ids = _documents(req.documents)
+        out = await _rerank(req.query, texts, req.max_tokens_per_doc, None, response)
+        results = _results(out, texts, ids, req.top_n, req.return_documents)
+        return {"id": str(uuid.uuid4()), "results": results, "meta": await _meta(out, "2")}
 
-    @app.post("/v1/rerank", response_model=CohereRerankResponse, responses=_ERRORS)
-    async def cohere_rerank_v1(req: CohereV1RerankRequest) -> dict[str, Any]:
-        """Cohere Rerank v1 (`cohere.Client`, LlamaIndex's CohereRerank): documents may be `{"text": ...}`."""
-        texts = []
-        field = (req.rank_fields or ["text"])[0]
-        for i, d in enumerate(req.documents):
+    @app.post("/v1/rerank", response_model=V1RerankResponse, response_model_exclude_none=True,
+              responses=_ERRORS)  # fmt: skip
+    async def rerank_v1(req: CohereV1RerankRequest, response: Response) -> dict[str, Any]:
+        """Cohere Rerank v1 (`cohere.Client`, LlamaIndex's CohereRerank) and Jina Rerank (LlamaIndex's and
+        LangChain's JinaRerank, vLLM's shape): one body carries both (`id`, `meta`; `model`, `usage`)."""
+        texts, ids = _documents(req.documents, (req.rank_fields or ["text"])[0])
+        out = await _rerank(req.query, texts, req.max_tokens_per_doc, None, response)
+        return_docs = req.return_documents
+        if return_docs is None:  # Jina returns the documents unless told not to; Cohere v1 does not
+            return_docs = (req.model or "").lower().startswith("jina")
+        results = _results(out, texts, ids, req.top_n, return_docs)
+        info = await service.reranker_info()
+        return {
+            "id": str(uuid.uuid4()),
+            "model": req.model or info.get("model"),
+            "results": results,
+            "meta": await _meta(out, "1"),
+            "usage": {"total_tokens": out.get("tokens") or 0, "prompt_tokens": out.get("tokens") or 0},
+        }
+
+    def _documents(docs: list[Any], field: str = "text") -> tuple[list[str], list[Any]]:
+        """Texts and ids (None where not given) of string or object documents; repeated ids are a 422."""
+        texts, ids, seen = [], [], {}
+        for i, d in enumerate(docs):
             if isinstance(d, dict):
-                if not isinstance(d.get(field), str):
+                text = d.get(field)
+                if not isinstance(text, str):
+                    got = "missing" if text is None else type(text).__name__
                     raise InvalidInput(
-                        f"documents[{i}] must be a string or an object with a string {field!r}"
+                        f"documents[{i}] must be a string or an object with a string {field!r} ({got})"
                     )
-                d = d[field]
-            texts.append(d)
-        return await _cohere(req.query, texts, req.top_n, texts if req.return_documents else None)
+                doc_id = d.get("id")
+                if doc_id is not None:
+                    if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
+                        raise InvalidInput(f"documents[{i}].id must be a string or an integer")
+                    if doc_id in seen:
+                        raise InvalidInput(
+                            f"documents[{i}].id {doc_id!r} repeats documents[{seen[doc_id]}].id: ids must "
+                            "be unique within a request"
+                        )
+                    seen[doc_id] = i
+                texts.append(text)
+                ids.append(doc_id)
+            else:
+                texts.append(d)
+                ids.append(None)
+        return texts, ids
 
-    async def _cohere(
-        query: str, documents: list[str], top_n: int | None, return_docs: list[str] | None
+    async def _rerank(
+        query: str,
+        texts: list[str],
+        max_tokens: int | None,
+        truncate: bool | None,
+        response: Response,
+        field: str = "documents",
     ) -> dict[str, Any]:
+        out = await service.rerank_documents(
+            query, texts, max_tokens_per_doc=max_tokens, truncate=truncate, field=field
+        )
+        _usage_headers(response, out)
+        return out
+
+    def _results(
+        out: dict[str, Any], texts: list[str], ids: list[Any], top_n: int | None, return_docs: bool
+    ) -> list[dict[str, Any]]:
         limit = service.config.documents_limit
         if top_n is not None and not 1 <= top_n <= limit:
             raise InvalidInput(f"top_n must be between 1 and {limit}, got {top_n}")
-        scores = await service.rerank_scores(query, documents)
+        scores = out["scores"]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: top_n or len(scores)]
         results = []
         for i in order:
             r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-            if return_docs is not None:
-                r["document"] = {"text": return_docs[i]}
+            if ids[i] is not None:
+                r["id"] = ids[i]
+            if return_docs:
+                r["document"] = {"text": texts[i]}
+            if out["spans"][i] is not None:
+                r["span"] = {"start": out["spans"][i][0], "end": out["spans"][i][1]}
+                r["windows"] = out["windows"][i]
             results.append(r)
+        return results
+
+    async def _meta(out: dict[str, Any], version: str) -> dict[str, Any]:
+        pairs = int(out.get("pairs") or 0)
+        meta: dict[str, Any] = {
+            "api_version": {"version": version},
+            # Cohere: a search unit is one query over up to 100 documents; split documents count per chunk
+            "billed_units": {"search_units": max(1, -(-pairs // 100))},
+        }
+        if out.get("tokens") is not None:
+            meta["tokens"] = {"input_tokens": int(out["tokens"]), "output_tokens": 0}
         info = await service.reranker_info()
-        meta: dict[str, Any] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
         if info.get("trained") is False:
             meta["warnings"] = [
                 f"reranker {info.get('model')} is the offline stand-in: scores are not meaningful"
             ]
-        return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+        return meta
 
     @app.post("/rerank", response_model=list[TEIRank], response_model_exclude_none=True, responses=_ERRORS)
-    async def tei_rerank(req: TEIRerankRequest) -> list[dict[str, Any]]:
-        """TEI rerank: `{query, texts}` -> `[{index, score}]`, best first."""
-        scores = await service.rerank_scores(req.query, req.texts)
+    async def tei_rerank(req: TEIRerankRequest, response: Response) -> list[dict[str, Any]]:
+        """TEI rerank: `{query, texts}` -> `[{index, score}]`, best first; TEI's usage headers.
+        `truncate: false` is TEI's 422 for a text that does not fit; unset, long texts are split."""
+        out = await _rerank(req.query, req.texts, req.max_tokens_per_doc, req.truncate, response, "texts")
+        scores = out["scores"]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
-        out = []
+        res = []
         for i in order:
             r: dict[str, Any] = {"index": i, "score": logit(scores[i]) if req.raw_scores else scores[i]}
             if req.return_text:
                 r["text"] = req.texts[i]
-            out.append(r)
-        return out
+            if out["spans"][i] is not None:
+                r["span"] = {"start": out["spans"][i][0], "end": out["spans"][i][1]}
+            res.append(r)
+        return res
 
     @app.post("/embed", response_model=list[list[float]], responses=_ERRORS)
     async def embed(req: EmbedRequest) -> list[list[float]]:
         """TEI embed: `{inputs: str | [str]}` -> one L2-normalised vector per input."""
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
         return await service.embed(texts)
+
+    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse, responses=_ERRORS)
+    async def openai_embeddings(req: OpenAIEmbeddingsRequest) -> dict[str, Any]:
+        """OpenAI embeddings (`openai.OpenAI(base_url=".../v1").embeddings.create`): `input` a text or a
+        list, `encoding_format` float or base64 (little-endian float32); `usage` in embedder tokens."""
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        vecs, tokens, info = await service.embed_with_usage(texts)
+        dim = int(info.get("dim") or (len(vecs[0]) if vecs else 0))
+        if req.dimensions is not None and req.dimensions != dim:
+            raise InvalidInput(
+                f"dimensions={req.dimensions}: the served model {info.get('model')} has {dim} dimensions "
+                "and cannot shorten them; leave dimensions out"
+            )
+        data = []
+        for i, v in enumerate(vecs):
+            arr = np.asarray(v, dtype="<f4")
+            emb: Any = (
+                base64.b64encode(arr.tobytes()).decode()
+                if req.encoding_format == "base64"
+                else [float(x) for x in arr]
+            )
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        total = sum(tokens)
+        return {
+            "object": "list",
+            "data": data,
+            "model": str(info.get("model") or req.model or ""),
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -96,6 +96,25 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("stage", "error_type"),
         None,
     ),
+    "rag_rerank_cache_hits_total": (
+        "counter",
+        "(query, document) pairs the Reranker replica answered from its score cache.",
+        (),
+        None,
+    ),
+    "rag_rerank_cache_misses_total": (
+        "counter",
+        "(query, document) pairs looked up in the score cache and not found (computed by the model).",
+        (),
+        None,
+    ),
+    "rag_rerank_cache_entries": ("gauge", "Entries in the Reranker replica's score cache.", (), None),
+    "rag_rerank_cache_bytes": (
+        "gauge",
+        "Estimated bytes held by the Reranker replica's score cache (bounded by rerank_cache_bytes).",
+        (),
+        None,
+    ),
     "rag_db_pool_size": (
         "gauge",
         "Connections in the Retriever replica's pool (psycopg_pool pool_size).",

@@ -19,6 +19,12 @@ that would finish after ``ADMIT_FRACTION`` (0.8) of that, judged from the pairs 
 replica's measured pairs/s, is refused at once with ``Overloaded`` instead of being computed for a caller
 that has gone (before this, at concurrency 16 on 2 CPUs every batch ran past the 30 s timeout and nothing
 was reranked). The ingress answers those searches in dense order with ``reason: overloaded``.
+
+Long documents (``rerank_documents``, the rerank routes): each document is planned into windows first
+(``rag.longdoc``), and every window is one pair: items, the pair cap, the batch cost and the admission
+estimate all count windows. ``/search`` candidates (``rerank``) are chunks: one window each unless
+``rerank_search_windows`` says more. Scores go through the replica's score cache (``rag.score_cache``)
+unless ``rerank_cache`` is off: a batch computes only the pairs it lacks.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from ray import serve
 from deployments import metrics
 from deployments._args import RerankerUserConfig
 from rag.errors import InvalidInput, Overloaded, RerankerError
+from rag.longdoc import Plan, windower_for
 from rag.rerank import make_reranker
+from rag.score_cache import with_cache
 from rag.settings import RerankerConfig
 from rag.validation import check_text, validate_query
 
@@ -62,6 +70,17 @@ class _Item:
     request_cap: int
     pair_cap: int
     enqueued_at: float
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What one item got back from its batch."""
+
+    scores: list[float]
+    queue_ms: float  # from joining the batch queue to the batch starting
+    batch: int  # which batch (a request's items may share one)
+    batch_ms: float  # the batch's compute time (shared by everything in it)
+    cache_hits: int
 
 
 def _batch_cost(items: list[_Item]) -> int:
@@ -96,6 +115,8 @@ class Reranker:
     def __init__(self, config: RerankerConfig) -> None:
         self.config = config
         self.reranker = make_reranker(config)
+        self.scorer = with_cache(self.reranker, config)  # the reranker, behind the score cache when on
+        self.windower = windower_for(self.reranker, config)
         self._info = dict(self.reranker.info())
         self._cfg = _DEFAULTS
         self._lock = threading.Lock()  # one score() at a time, so last_timings belongs to our call
@@ -106,6 +127,7 @@ class Reranker:
         self._recent: deque[tuple[int, int]] = deque(maxlen=64)
         self._pending_pairs = 0  # admitted and not finished
         self._pairs_per_s: float | None = None  # per batch (compute time): min(last, EWMA)
+        self._batch_no = 0
         metrics.get("rag_model_info").set(
             1,
             tags={
@@ -128,16 +150,96 @@ class Reranker:
 
     # -- API ---------------------------------------------------------------------------------------
     async def rerank(self, query: str, documents: list[str], deadline_s: float | None = None) -> list[float]:
-        """One score per document, in input order. Validated here, before joining a batch.
+        """One score per /search candidate, in input order. Validated here, before joining a batch.
 
-        ``deadline_s``: how long the caller will wait; work that would finish later is refused (Overloaded).
+        Candidates are chunks: each is one pair (the model reads its first window) unless
+        ``rerank_search_windows`` > 1. ``deadline_s``: how long the caller will wait; work that would finish
+        later is refused (Overloaded).
         """
         validate_rerank_input(query, documents)
         if not documents:
             return []
+        self._check_enabled()
+        windows = self.config.rerank_search_windows
+        if windows > 1 and self.windower is not None:
+            plan = await asyncio.to_thread(self.windower.plan, query, documents, max_windows=windows)
+            scores, _ = await self._score_queued(query, plan.texts, deadline_s)
+            return [d.score for d in plan.combine(scores, self.config.rerank_long_documents)]
+        scores, _ = await self._score_queued(query, list(documents), deadline_s)
+        return scores
+
+    async def rerank_documents(
+        self,
+        query: str,
+        documents: list[str],
+        deadline_s: float | None = None,
+        *,
+        max_tokens_per_doc: int | None = None,
+        truncate: bool | None = None,
+        field: str = "documents",
+    ) -> dict[str, Any]:
+        """The rerank routes: long documents split into windows, scores combined per document.
+
+        ``max_tokens_per_doc``: tokens of each document read (default and cap: ``rerank_max_tokens_per_doc``).
+        ``truncate`` (TEI): None splits long documents; True scores the first window only; False refuses
+        (InvalidInput) a document that does not fit the model with the query. Returns scores, the best
+        window's character span per document (None when not split), windows per document, and usage:
+        pairs, tokens, cache hits, queue and inference milliseconds.
+        """
+        validate_rerank_input(query, documents)
+        self._check_enabled()
+        cap = self.config.rerank_max_tokens_per_doc
+        if max_tokens_per_doc is not None and not 1 <= max_tokens_per_doc <= cap:
+            raise InvalidInput(
+                f"max_tokens_per_doc must be between 1 and {cap} (RAG_RERANK_MAX_TOKENS_PER_DOC), "
+                f"got {max_tokens_per_doc}"
+            )
+        mode = self.config.rerank_long_documents
+        t0 = time.perf_counter()
+        plan: Plan | None = None
+        if self.windower is not None:
+            plan = await asyncio.to_thread(
+                self.windower.plan,
+                query,
+                documents,
+                max_tokens_per_doc=max_tokens_per_doc,
+                max_windows=1 if (truncate is True or mode == "first") else None,
+                too_long="error" if truncate is False else "split",
+                field=field,
+            )
+        tokenize_ms = (time.perf_counter() - t0) * 1e3
+        texts = plan.texts if plan is not None else list(documents)
+        scores, usage = await self._score_queued(query, texts, deadline_s)
+        if plan is None:  # a backend that reads documents itself (Cohere)
+            return {
+                "scores": scores,
+                "spans": [None] * len(scores),
+                "windows": [1] * len(scores),
+                "tokens": None,
+                "tokenize_ms": tokenize_ms,
+                **usage,
+            }
+        docs = plan.combine(scores, mode)
+        return {
+            "scores": [d.score for d in docs],
+            "spans": [list(d.span) if d.span is not None else None for d in docs],
+            "windows": [d.windows for d in docs],
+            "tokens": plan.tokens,
+            "tokenize_ms": tokenize_ms,
+            **usage,
+        }
+
+    def _check_enabled(self) -> None:
         if not self.reranker.enabled:
             raise RerankerError("reranking is disabled (RAG_RERANKER=none)")
-        n = len(documents)
+
+    async def _score_queued(
+        self, query: str, texts: list[str], deadline_s: float | None
+    ) -> tuple[list[float], dict[str, Any]]:
+        """Scores of (query, text) pairs through the batch queue, after admission; and usage figures."""
+        n = len(texts)
+        if n == 0:
+            return [], {"pairs": 0, "cache_hits": 0, "queue_ms": 0.0, "inference_ms": 0.0}
         wait_s = admission_wait_s(self._pending_pairs, n, self._pairs_per_s)
         if deadline_s is not None and wait_s is not None and wait_s > ADMIT_FRACTION * deadline_s:
             raise Overloaded(
@@ -150,8 +252,7 @@ class Reranker:
         cfg, now = self._cfg, time.perf_counter()
         step = cfg.max_pairs_per_batch
         items = [
-            _Item(query, tuple(documents[i : i + step]), cfg.max_batch_size, step, now)
-            for i in range(0, len(documents), step)
+            _Item(query, tuple(texts[i : i + step]), cfg.max_batch_size, step, now) for i in range(0, n, step)
         ]
         self._pending_pairs += n
         try:
@@ -162,12 +263,29 @@ class Reranker:
         for part in parts:
             if isinstance(part, BaseException):  # this request's own failure (see _run_batch)
                 raise part
-        return [s for part in parts for s in part]
+        batches = {p.batch: p.batch_ms for p in parts}
+        usage = {
+            "pairs": n,
+            "cache_hits": sum(p.cache_hits for p in parts),
+            "queue_ms": max(p.queue_ms for p in parts),
+            "inference_ms": sum(batches.values()),
+        }
+        return [s for part in parts for s in part.scores], usage
 
     def info(self) -> dict[str, Any]:
         """What this replica runs and the configuration it holds (GET /info; no secrets)."""
+        cache = getattr(self.scorer, "cache", None)
+        c = self.config
         return {
             **self._info,
+            "score_cache": cache.info() if cache is not None else {"enabled": False},
+            "long_documents": {
+                "aggregation": c.rerank_long_documents,
+                "max_tokens_per_doc": c.rerank_max_tokens_per_doc,
+                "window_overlap": c.rerank_window_overlap,
+                "search_windows": c.rerank_search_windows,
+                "split": self.windower is not None,
+            },
             "user_config": self._cfg.model_dump(),
             "max_concurrent_batches": MAX_CONCURRENT_BATCHES,
             "admit_fraction": ADMIT_FRACTION,
@@ -196,7 +314,7 @@ class Reranker:
         max_concurrent_batches=MAX_CONCURRENT_BATCHES,
         batch_size_fn=_batch_cost,
     )
-    async def score_batch(self, items: list[_Item]) -> list[list[float] | BaseException]:
+    async def score_batch(self, items: list[_Item]) -> list[_Part | BaseException]:
         self._running += 1
         if self._running >= MAX_CONCURRENT_BATCHES:
             self._gate.clear()
@@ -207,7 +325,7 @@ class Reranker:
             if self._running < MAX_CONCURRENT_BATCHES:
                 self._gate.set()
 
-    async def _run_batch(self, items: list[_Item]) -> list[list[float] | BaseException]:
+    async def _run_batch(self, items: list[_Item]) -> list[_Part | BaseException]:
         """Score the batch in one call; if that fails, each request alone, so only the bad one fails."""
         try:
             return list(await self._score_items(items))
@@ -215,7 +333,7 @@ class Reranker:
             if len(items) == 1 or self._cfg.inject_failure:
                 raise
             log.warning("a batch of %d requests failed (%s); scoring them one by one", len(items), e)
-        out: list[list[float] | BaseException] = []
+        out: list[_Part | BaseException] = []
         for it in items:
             try:
                 out.extend(await self._score_items([it]))
@@ -223,51 +341,70 @@ class Reranker:
                 out.append(e)
         return out
 
-    async def _score_items(self, items: list[_Item]) -> list[list[float]]:
+    async def _score_items(self, items: list[_Item]) -> list[_Part]:
         start = time.perf_counter()
+        self._batch_no += 1
+        batch = self._batch_no
+        queued = []
         for it in items:
-            metrics.get("rag_rerank_phase_latency_ms").observe(
-                (start - it.enqueued_at) * 1e3, tags={"phase": "queue"}
-            )
+            q_ms = (start - it.enqueued_at) * 1e3
+            queued.append(q_ms)
+            metrics.get("rag_rerank_phase_latency_ms").observe(q_ms, tags={"phase": "queue"})
         pairs = [(it.query, d) for it in items for d in it.documents]
         cfg = self._cfg
         if cfg.inject_delay_ms:
             await asyncio.sleep(cfg.inject_delay_ms / 1e3)
         if cfg.inject_failure:
             raise RerankerError("injected reranker failure (user_config.inject_failure=true)")
-        scores, timings = await asyncio.to_thread(self._score, pairs)
-        self._record(len(items), len(pairs), timings, (time.perf_counter() - start) * 1e3)
+        scores, timings, hits = await asyncio.to_thread(self._score, pairs)
+        batch_ms = (time.perf_counter() - start) * 1e3
+        self._record(len(items), len(pairs), timings, batch_ms)
         out, i = [], 0
-        for it in items:
-            out.append(scores[i : i + len(it.documents)])
-            i += len(it.documents)
+        for it, q_ms in zip(items, queued, strict=True):
+            k = len(it.documents)
+            out.append(_Part(scores[i : i + k], q_ms, batch, batch_ms, sum(hits[i : i + k])))
+            i += k
         return out
 
-    def _score(self, pairs: list[tuple[str, str]]) -> tuple[list[float], dict[str, float]]:
+    def _score(self, pairs: list[tuple[str, str]]) -> tuple[list[float], dict[str, float], list[bool]]:
         with self._lock:
             t0 = time.perf_counter()
             try:
-                scores = self.reranker.score(pairs)
+                if hasattr(self.scorer, "score_with_hits"):
+                    scores, timings, hits = self.scorer.score_with_hits(pairs)
+                else:
+                    scores = self.scorer.score(pairs)
+                    timings = dict(getattr(self.scorer, "last_timings", None) or {})
+                    hits = [False] * len(pairs)
             except RerankerError:
                 raise
             except Exception as e:
                 raise RerankerError(f"reranker failed: {type(e).__name__}: {e}") from e
-            timings = dict(getattr(self.reranker, "last_timings", None) or {})
+            timings = dict(timings)
             timings.setdefault("inference_ms", (time.perf_counter() - t0) * 1e3)
         if len(scores) != len(pairs):
             raise RerankerError(f"reranker returned {len(scores)} scores for {len(pairs)} pairs")
-        return [float(s) for s in scores], timings
+        return [float(s) for s in scores], timings, list(hits)
 
     def _record(self, n_items: int, n_pairs: int, timings: dict[str, float], batch_ms: float) -> None:
         metrics.get("rag_rerank_batch_pairs").observe(n_pairs)
+        cache = getattr(self.scorer, "cache", None)
+        if cache is not None:
+            if timings.get("cache_hits"):
+                metrics.get("rag_rerank_cache_hits_total").inc(int(timings["cache_hits"]))
+            if timings.get("cache_misses"):
+                metrics.get("rag_rerank_cache_misses_total").inc(int(timings["cache_misses"]))
+            metrics.get("rag_rerank_cache_entries").set(len(cache))
+            metrics.get("rag_rerank_cache_bytes").set(cache.bytes)
         metrics.get("rag_rerank_batch_requests").observe(n_items)
         for phase in ("tokenize", "inference"):
             if f"{phase}_ms" in timings:
                 metrics.get("rag_rerank_phase_latency_ms").observe(
                     timings[f"{phase}_ms"], tags={"phase": phase}
                 )
-        if batch_ms > 0:
-            rate = n_pairs / (batch_ms / 1e3)
+        computed = n_pairs - int(timings.get("cache_hits", 0))  # pairs that went through the model
+        if batch_ms > 0 and computed > 0:
+            rate = computed / (batch_ms / 1e3)
             ewma = rate if self._pairs_per_s is None else 0.3 * rate + 0.7 * self._pairs_per_s
             self._pairs_per_s = min(rate, ewma)  # down at once when a batch runs slower, up gradually
         st = self._stats

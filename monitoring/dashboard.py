@@ -177,6 +177,7 @@ def _batching() -> list[dict]:
     util = "serve_batch_utilization_percent"
     searches = _rate(STAGE, TOTAL, suffix="_count")
     skipped = f"{_rate('rag_rerank_skipped_total', by='reason')} / ignoring (reason) group_left {searches}"
+    hits, misses = _rate("rag_rerank_cache_hits_total"), _rate("rag_rerank_cache_misses_total")
     return [
         row("Rerank batching"),
         timeseries(
@@ -212,12 +213,22 @@ def _batching() -> list[dict]:
             "Stage-1 candidates handed to the reranker per /search.",
             _dist("rag_candidates_per_request"),
             "short",
+            w=8,
         ),
         timeseries(
             "Reranks skipped",
             "Searches answered in dense order, by reason, as a share of searches.",
             [(skipped, "{{reason}}")],
             "percentunit",
+            w=8,
+        ),
+        timeseries(
+            "Rerank score cache hit rate",
+            "Share of (query, document) pairs the Reranker replicas answered from their score cache "
+            "(hits / lookups); the rest went through the model.",
+            [(f"{hits} / ({hits} + {misses})", "hit rate")],
+            "percentunit",
+            w=8,
         ),
     ]
 

@@ -9,6 +9,7 @@ whole document at once) never reaches the passage.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -121,7 +122,7 @@ def test_windows_fit_the_model_overlap_and_cover_the_document(tok):
     width = windower.window_tokens("short query")
     spans = plan.docs[0].spans
     assert len(spans) > 5 and spans[0][0] == 0 and spans[-1][1] == len(doc)
-    for (a0, b0), (a1, b1) in zip(spans, spans[1:], strict=False):
+    for (a0, b0), (a1, b1) in itertools.pairwise(spans):
         assert a0 < a1 < b0 < b1  # consecutive windows overlap and move forward
     for t in plan.texts:
         n = len(tok(t, add_special_tokens=False)["input_ids"])

@@ -83,6 +83,18 @@ async def _rerank(query: str, docs: list[str], deadline_s: float | None = None) 
     return [i / 100 for i in range(len(docs))]  # reverses the dense order
 
 
+def _documents_via(rerank: Any):
+    """The rerank routes' call (Reranker.rerank_documents) over a fake ``rerank``: one window per document."""
+
+    async def fn(query: str, docs: list[str], deadline_s: float | None = None, **kw: Any) -> dict:
+        scores = await rerank(query, docs, deadline_s=deadline_s)
+        n = len(docs)
+        return {"scores": scores, "spans": [None] * n, "windows": [1] * n, "tokens": 3 * n, "pairs": n,
+                "cache_hits": 0, "queue_ms": 1.0, "inference_ms": 2.0, "tokenize_ms": 0.5}  # fmt: skip
+
+    return fn
+
+
 async def _info() -> dict:
     return dict(INFO)
 
@@ -97,6 +109,7 @@ def make(
     e = {"embed": _embed, "embed_many": _embed_many, "ready": _ok, **(embedder or {})}
     r = {"search": _search, "ready": _ok, **(retriever or {})}
     rr = {"rerank": _rerank, "info": _info, "ready": _ok, **(reranker or {})}
+    rr.setdefault("rerank_documents", _documents_via(rr["rerank"]))
     args = {
         "fetch_k": 20,
         "top_k": 5,
@@ -167,9 +180,13 @@ def test_table_rows_are_the_documented_ones():
 def test_row_request_validation_error_is_422():
     c, _ = make()
     body = check_error(
+        c.post("/v2/rerank", json={"query": "q", "documents": ["a", 1]}), 422, "invalid_input"
+    )
+    assert "documents.1" in body["error"]  # neither a string nor a {text} object
+    body = check_error(  # an object without a string text: InvalidInput, same 422
         c.post("/v2/rerank", json={"query": "q", "documents": ["a", {"x": 1}]}), 422, "invalid_input"
     )
-    assert "documents.1" in body["error"]
+    assert "documents[1]" in body["error"] and "'text'" in body["error"]
     check_error(c.post("/search", json={"query": "q", "unknown_field": 1}), 422, "invalid_input")
     check_error(
         c.post("/search", content=b"{not json", headers={"content-type": "application/json"}),
