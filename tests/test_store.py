@@ -121,3 +121,32 @@ def test_unreachable_database_names_the_url_redacted_and_the_fix():
         Store("postgresql://bob:hunter2@127.0.0.1:1/db", timeout_s=1)
     msg = str(e.value)
     assert "hunter2" not in msg and "bob:***@127.0.0.1:1" in msg and "rag db start" in msg
+
+
+def test_a_data_folder_of_another_postgresql_major_is_refused_and_left_alone(tmp_path):
+    from rag.db import EmbeddedPostgres, bundled_major
+
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    (pgdata / "PG_VERSION").write_text("16\n")
+    (pgdata / "base").mkdir()
+    (pgdata / "base" / "1").write_text("old data")
+    before = sorted((p.relative_to(pgdata), p.stat().st_mtime_ns) for p in pgdata.rglob("*"))
+    with pytest.raises(StoreUnavailable) as e:
+        EmbeddedPostgres(pgdata).start()
+    msg = str(e.value)
+    assert f"made by PostgreSQL 16, and the installed PostgreSQL {bundled_major()} cannot open it" in msg
+    assert "nothing was changed" in msg and f"mv {pgdata} {pgdata}.pg16" in msg and "RAG_DATABASE_URL" in msg
+    assert sorted((p.relative_to(pgdata), p.stat().st_mtime_ns) for p in pgdata.rglob("*")) == before
+    assert bundled_major() == "18"
+
+
+def test_search_hits_say_which_strategy_ran(store, collection):
+    store.ensure_collection(collection, dim=4, embedding_model="synthetic")
+    docs = [DocumentRow(f"d{i}", "syn", f"h{i}") for i in range(3)]
+    chunks = [ChunkRow(f"d{i}", f"d{i}", "syn", 0, f"t{i}", f"h{i}") for i in range(3)]
+    store.write_batch(collection, docs, chunks, np.eye(3, 4, dtype=np.float32))
+    assert store.search(collection, np.ones(4), 2).strategy in ("hnsw", "exact")  # the planner's choice
+    assert store.search(collection, np.ones(4), 5).strategy in ("hnsw->exact", "exact")  # fewer rows than k
+    assert len(store.search(collection, np.ones(4), 5)) == 3
+    assert store.search(collection, np.ones(4), 2, exact=True).strategy == "exact"

@@ -21,9 +21,11 @@ Strategies (``SearchHits.strategy``, so callers can report which one ran):
                     rows): the exact scan ran after it, so the answer still has ``min(k, matches)`` rows
 =================== =========================================================================================
 
-The planner's choice is read with ``EXPLAIN`` before a filtered query runs (an index scan ordered by the
-distance operator is the approximate path). ``plan_cache_mode = force_custom_plan`` keeps every query
-planned with its own filter values, even once psycopg prepares it.
+The planner's choice is read with ``EXPLAIN`` before the query runs (an index scan ordered by the distance
+operator is the approximate path; anything else is exact, e.g. a sequential scan of a table too small for
+the index to pay, or of an attached table without one), so ``strategy`` is what ran, not what was hoped
+for. ``plan_cache_mode = force_custom_plan`` keeps every query planned with its own filter values, even once
+psycopg prepares it.
 """
 
 from __future__ import annotations
@@ -240,16 +242,12 @@ def plan_search(
         yield Step("SET LOCAL enable_indexscan = off", fetch=False)
         rows = yield Step(query, params)
         return _hits(t, rows, "exact")
-    if filt is None:
-        rows = yield Step(query, params)
-        strategy = "hnsw"
-    else:
-        full = _resorted(query) if iterative else query
-        plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + full, params)
-        rows = yield Step(full, params)
-        if not uses_ann_index(plan[0][0] if plan else None):
-            return _hits(t, rows, "exact")  # the planner chose the exact scan: complete by construction
-        strategy = "hnsw+iterative" if iterative else "hnsw"
+    full = _resorted(query) if iterative and filt is not None else query
+    plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + full, params)
+    rows = yield Step(full, params)
+    if not uses_ann_index(plan[0][0] if plan else None):
+        return _hits(t, rows, "exact")  # the planner chose an exact scan: complete by construction
+    strategy = "hnsw+iterative" if iterative and filt is not None else "hnsw"
     if len(rows) >= k:
         return _hits(t, rows, strategy)
     yield Step("SET LOCAL enable_indexscan = off", fetch=False)
