@@ -1,4 +1,4 @@
-"""``rag``: the command line. db, ingest, query, serve, eval, bench.
+"""``rag``: the command line. db, attach/detach, ingest, query, serve, eval, bench.
 
 Every command reads its defaults from ``Settings`` (env prefix ``RAG_``); flags override them. Errors the
 user can fix print one line (``error: ...``) and exit with status 2; nothing prints a stack trace.
@@ -121,7 +121,18 @@ def db_status() -> None:
     from rag.store import Store
 
     with Store(url, min_size=0, max_size=1) as store:
+        info = store.server_info()
+        typer.echo(
+            f"  PostgreSQL {info['postgresql']}, pgvector {info['pgvector']} "
+            f"(iterative index scans: {'yes' if info['iterative_scan'] else 'no'})"
+        )
         for c in store.collections():
+            if c.get("kind") == "attached":
+                typer.echo(
+                    f"  collection {c['name']}: attached table {c['table']}, {c['chunks']} rows, "
+                    f"{c['dim']}-dim, {c['distance']} (read only)"
+                )
+                continue
             typer.echo(
                 f"  collection {c['name']}: {c['documents']} documents, {c['chunks']} chunks, "
                 f"{c['dim']}-dim ({c['embedding_model']})"
@@ -145,6 +156,68 @@ def db_drop(
 
     p = Pipeline(_settings(collection=name))
     typer.echo(f"dropped {name}" if p.store.drop_collection(name) else f"no collection {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# rag attach / detach (docs/attached-tables.md)
+# --------------------------------------------------------------------------------------------------
+@app.command()
+def attach(
+    name: Annotated[str, typer.Argument(help="Collection name to serve the table as.")],
+    table: Annotated[str, typer.Option("--table", help="Existing table: TABLE or SCHEMA.TABLE.")],
+    id_column: Annotated[str, typer.Option(help="Row id column.")] = "id",
+    content_column: Annotated[str, typer.Option(help="Text column.")] = "content",
+    source_column: Annotated[str, typer.Option(help="Source column.")] = "source",
+    embedding_column: Annotated[str, typer.Option(help="vector(N) column.")] = "embedding",
+    metadata_column: Annotated[
+        str | None, typer.Option(help="Optional jsonb column (metadata filters).")
+    ] = None,
+    doc_id_column: Annotated[
+        str | None, typer.Option(help="Optional document id column [default: the id].")
+    ] = None,
+    distance: Annotated[
+        str | None, typer.Option(help="cosine, l2 or ip [default: the HNSW index's, else cosine].")
+    ] = None,
+    dim: Annotated[
+        int | None,
+        typer.Option(help="Embedder dimension to check against [default: load the embedding model's]."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Serve an existing pgvector table as collection NAME, read only (rag never writes to it)."""
+    from rag.pipeline import Pipeline
+
+    p = Pipeline(_settings())
+    rep = p.store.attach(
+        name,
+        table,
+        id_column=id_column,
+        content_column=content_column,
+        source_column=source_column,
+        embedding_column=embedding_column,
+        metadata_column=metadata_column,
+        doc_id_column=doc_id_column,
+        distance=distance,
+        embed_dim=dim if dim is not None else p.embedder.dim,
+    )
+    if as_json:
+        _echo_json(rep.as_dict())
+        return
+    for w in rep.warnings:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(
+        f"attached {rep.table} as collection {name!r}: {rep.rows} rows, {rep.dim}-dim, {rep.distance} "
+        f"(from the {rep.distance_from}), index {rep.index or 'none'}; query it with `--collection {name}`"
+    )
+
+
+@app.command()
+def detach(name: Annotated[str, typer.Argument(help="Attached collection to forget.")]) -> None:
+    """Stop serving an attached table (the table itself is left alone)."""
+    from rag.pipeline import Pipeline
+
+    done = Pipeline(_settings()).store.detach(name)
+    typer.echo(f"detached {name} (the table is unchanged)" if done else f"no attached collection {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -282,3 +282,38 @@ def test_server_info_reports_both_versions(store):
 def test_pipeline_searches_an_attached_collection(seed, pipeline):
     hits = pipeline.search(QUERIES[3], collection="seed", fetch_k=20, top_k=5).hits
     assert len(hits) == 5 and all({"id", "content", "source", "score", "dense_score"} <= set(h) for h in hits)
+
+
+def test_the_cli_attaches_queries_refuses_ingest_and_detaches(seed_table, db_url, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAG_DATA_DIR": str(tmp_path), "RAG_DATABASE_URL": db_url, "RAG_OFFLINE": "1"}
+
+    def rag(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "rag.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        )
+
+    bad = rag("attach", "seedcli", "--table", "chunks", "--content-column", "body", "--dim", "384")
+    assert bad.returncode == 2 and "--content-column" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    r = rag("attach", "seedcli", "--table", "chunks")  # checks against the embedding model's dimension
+    assert r.returncode == 0 and "attached public.chunks as collection 'seedcli': 400 rows" in r.stdout, (
+        r.stderr
+    )
+    try:
+        st = rag("db", "status")
+        assert st.returncode == 0 and "PostgreSQL 18." in st.stdout and "pgvector 0.8." in st.stdout, st
+        assert "collection seedcli: attached table public.chunks, 400 rows" in st.stdout
+        (tmp_path / "new.txt").write_text("A document that must not land in the attached table.")
+        ing = rag("ingest", "--collection", "seedcli", str(tmp_path / "new.txt"))
+        assert ing.returncode == 2 and "attached table" in ing.stderr and "rag detach seedcli" in ing.stderr
+        q = rag("query", "--collection", "seedcli", "--no-rerank", "--top-k", "3", "--json", QUERIES[0])
+        assert q.returncode == 0, q.stderr
+        assert len(json.loads(q.stdout)["results"]) == 3
+    finally:
+        d = rag("detach", "seedcli")
+    assert d.returncode == 0 and "detached seedcli" in d.stdout
