@@ -40,6 +40,7 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CONFIG = REPO / "serve_config.yaml"
+SHUTDOWN_GRACE_S = 3.0  # Serve's share of a SIGTERM: all stopped within a 15 s grace period
 CPU_CONFIG = REPO / "serve_config.cpu.yaml"
 
 
@@ -134,15 +135,24 @@ class Running:
     metrics_url: str
     config: Path
 
-    def shutdown(self) -> None:
-        import ray
-        from ray import serve
+    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop Serve (replicas get ``grace_s`` to finish; 0: skip), then Ray's processes.
 
-        if ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+        Bounded: Ray's own ``serve.shutdown()`` waits 30 s for a controller that is already gone when the
+        whole process group got the signal."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        try:
+            from ray.serve.context import _cached_client_from_current_session, _global_client
+
+            if grace_s > 0 and _cached_client_from_current_session() and _global_client is not None:
+                _global_client.shutdown(timeout_s=grace_s)
+        except Exception as e:  # shutting down anyway
+            print(f"Serve did not shut down cleanly ({type(e).__name__}: {e}); stopping Ray", flush=True)
+        finally:
+            ray.shutdown()
 
 
 def serve(settings: Settings, config: Path | None, *, blocking: bool = True) -> Running:
@@ -179,13 +189,19 @@ def serve(settings: Settings, config: Path | None, *, blocking: bool = True) -> 
         # Ctrl-C and `kill` both stop cleanly, even where SIGINT was ignored (a background job of a script).
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _interrupt)
+    grace_s = SHUTDOWN_GRACE_S
     try:
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        # SIGTERM goes to the whole process group (supervisors, Kubernetes): Ray's processes are stopping
+        # already, so waiting for Serve's graceful path only delays the exit. Ctrl-C keeps it (Ray's
+        # processes ignore SIGINT).
+        if getattr(stop, "signum", None) == signal.SIGTERM:
+            grace_s = 0.0
         print("\nshutting down Serve and Ray ...", flush=True)
     finally:
-        running.shutdown()
+        running.shutdown(grace_s)
     return running
 
 
@@ -201,8 +217,14 @@ def check_collections(settings: Settings, url: str) -> list[str]:
         return store.validate_attached(dim)
 
 
+class _Stop(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise _Stop(signum)
 
 
 def _banner(r: Running, settings: Settings) -> None:
