@@ -138,16 +138,40 @@ def store(
         int, typer.Option(help="max_parallel_maintenance_workers for the build.")
     ] = 1,
     keep: Annotated[bool, typer.Option(help="Keep the temporary collection afterwards.")] = False,
+    filters: Annotated[
+        bool,
+        typer.Option(
+            "--filters",
+            help="Filtered search instead: filters matching 50%, 5% and 0.1% of rows (recall@k vs exact "
+            "filtered search, p50/p99, rows returned, strategy), with and without iterative scans.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
-    """pgvector HNSW at 200k+ vectors: build time, latency and recall per ef_search.
+    """pgvector HNSW at 200k+ vectors: build time, latency and recall per ef_search (or --filters).
 
     COPY (rag.store) into a temporary collection, build the HNSW index, then p50/p99 latency and recall@k
     against exact search for each ef_search; reports the smallest ef_search with
-    recall >= 0.95. Uses RAG_DATABASE_URL, else the embedded server (started if needed). About 10 minutes."""
+    recall >= 0.95. Uses RAG_DATABASE_URL, else the embedded server (started if needed). About 10 minutes.
+    With --filters: the same data with sources and metadata, searched through Store.search(filter=...) at
+    the configured ef_search (--ef-search is ignored; --queries defaults to 200 there too)."""
     from bench import store as sb
 
+    if filters:
+        r = sb.run_filters(
+            _settings(),
+            n=vectors,
+            dim=dim,
+            clusters=clusters,
+            n_queries=queries,
+            k=k,
+            maintenance_work_mem=maintenance_work_mem,
+            parallel_workers=parallel_workers,
+            keep=keep,
+        )
+        _finish(r, as_json, out, sb.filters_summary(r))
+        return
     efs = [int(x) for x in ef_search.split(",") if x.strip()]
     r = sb.run(
         _settings(),

@@ -9,6 +9,12 @@ Loading goes through ``rag.store.Store.write_batch`` (COPY, binary). The collect
 before loading and built afterwards in one ``CREATE INDEX`` (a bulk build is much faster than inserting into a
 live graph), with ``maintenance_work_mem`` and ``max_parallel_maintenance_workers`` set for that session.
 Search goes through ``Store.search`` (the application's own query path, rows returned as dicts).
+
+``--filters`` (``run_filters``): the same vectors, each row with a source and metadata that put it in filters
+matching 50 % (``{"source": "even"}``), 5 % (``{"metadata": {"tag": "t5"}}``) and 0.1 %
+(``{"source": {"prefix": "rare/"}}``) of rows, assigned by row number (independent of the vectors). For each:
+recall@k against the exact filtered top-k (numpy over the matching rows), p50/p99 latency, rows returned and
+which strategy ran (``SearchHits.strategy``); then again as on a server without iterative scans.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 
 from bench.common import load_now, machine_info, pct, say
 
-__all__ = ["clustered_vectors", "run", "summary"]
+__all__ = ["clustered_vectors", "filters_summary", "run", "run_filters", "summary"]
 
 
 class Mixture:
@@ -213,4 +219,175 @@ def summary(r: dict[str, Any]) -> str:
         + (f" (p50 {best['p50_ms']} ms, p99 {best['p99_ms']} ms)" if best else "")
         + f"; load at end {r['load_end']}"
     )
+    return "\n".join(lines)
+
+
+FILTERS: dict[str, tuple[dict[str, Any], int, int]] = {
+    # label -> (filter, N, r): rows whose number i has i % N == r match
+    "50%": ({"source": "even"}, 2, 0),
+    "5%": ({"metadata": {"tag": "t5"}}, 20, 1),
+    "0.1%": ({"source": {"prefix": "rare/"}}, 1000, 3),
+}
+
+
+def _labels(i: int) -> tuple[str, dict[str, Any]]:
+    source = f"rare/{i}" if i % 1000 == 3 else ("even" if i % 2 == 0 else "odd")
+    return source, {"tag": "t5" if i % 20 == 1 else "other", "i": i}
+
+
+def run_filters(
+    settings: Any,
+    *,
+    n: int = 200_000,
+    dim: int = 384,
+    clusters: int = 2000,
+    n_queries: int = 100,
+    k: int = 100,
+    maintenance_work_mem: str = "1GB",
+    parallel_workers: int = 1,
+    batch: int = 20_000,
+    keep: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Filtered search at three selectivities: recall@k vs exact filtered search, latency, rows, strategy."""
+    from psycopg import sql
+
+    from rag.db import database_url
+    from rag.store import ChunkRow, DocumentRow, Store, parse_filter
+
+    machine = machine_info()
+    load_start = load_now()
+    url = database_url(settings)
+    store = Store(url, max_size=2, hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction)
+    store.ef_search_min, store.ef_search_factor = settings.hnsw_ef_search_min, settings.hnsw_ef_search_factor
+    name = "benchf_" + uuid.uuid4().hex[:10]
+    say(f"filtered store benchmark: {n} {dim}-d vectors into {name!r}; load {load_start}", quiet=quiet)
+    mix = Mixture(dim, clusters)
+    rng = np.random.default_rng(11)
+    result: dict[str, Any] = {
+        "benchmark": "store-filters",
+        "machine": machine,
+        "server": store.server_info(),
+        "load_start": load_start,
+        "vectors": n,
+        "dim": dim,
+        "k": k,
+        "queries": n_queries,
+        "hnsw": {"m": settings.hnsw_m, "ef_construction": settings.hnsw_ef_construction},
+        "ef_search_rule": f"max({store.ef_search_min}, k, k x {store.ef_search_factor}) x "
+        f"{store.filtered_ef_factor} when filtered (at most 1000)",
+    }
+    try:
+        store.ensure_collection(name, dim=dim, embedding_model="synthetic-clustered")
+        index = f"rag_chunks_{name}_hnsw"
+        chunks_t = sql.Identifier(f"rag_chunks_{name}")
+        with store.connection() as conn:
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
+            conn.commit()
+        data = np.empty((n, dim), dtype=np.float32)
+        t0 = time.perf_counter()
+        for start in range(0, n, batch):
+            m = min(batch, n - start)
+            x = mix.sample(m, rng)
+            data[start : start + m] = x
+            lab = [_labels(i) for i in range(start, start + m)]
+            docs = [DocumentRow(f"d{i}", lab[i - start][0], "h") for i in range(start, start + m)]
+            rows = [
+                ChunkRow(str(i), f"d{i}", lab[i - start][0], 0, "", "h", lab[i - start][1])
+                for i in range(start, start + m)
+            ]
+            store.write_batch(name, docs, rows, x)
+            say(f"  loaded {start + m}/{n} ({time.perf_counter() - t0:.0f} s)", quiet=quiet)
+        result["load_seconds"] = round(time.perf_counter() - t0, 1)
+        with store.connection() as conn:
+            conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
+            conn.execute(
+                sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(parallel_workers))
+            )
+            t = time.perf_counter()
+            conn.execute(
+                sql.SQL(
+                    "CREATE INDEX {} ON {} USING hnsw (embedding vector_cosine_ops) "
+                    "WITH (m = {}, ef_construction = {})"
+                ).format(
+                    sql.Identifier(index),
+                    chunks_t,
+                    sql.Literal(settings.hnsw_m),
+                    sql.Literal(settings.hnsw_ef_construction),
+                )
+            )
+            conn.commit()
+            result["build_seconds"] = round(time.perf_counter() - t, 1)
+            conn.execute(sql.SQL("ANALYZE {}").format(chunks_t))
+            conn.commit()
+        say(f"  HNSW built in {result['build_seconds']} s", quiet=quiet)
+        queries = mix.sample(n_queries, np.random.default_rng(99))
+        idx = np.arange(n)
+        cases: list[tuple[str, dict[str, Any] | None, np.ndarray]] = [("none", None, idx)]
+        cases += [(label, f, idx[idx % every == r]) for label, (f, every, r) in FILTERS.items()]
+        rows_out = []
+        for iterative in (True, False):
+            if not iterative:
+                store._server = {**store.server_info(), "iterative_scan": False}
+            for label, raw, members in cases:
+                f = parse_filter(raw) if raw else None
+                sub = data[members]
+                truth = members[np.argsort(-(queries @ sub.T), axis=1, kind="stable")[:, :k]]
+                for q in queries[:10]:  # warm the pages this filter touches
+                    store.search(name, q, k, filter=f)
+                lat, rec, got, strategies = [], [], [], {}
+                for q, tr in zip(queries, truth, strict=True):
+                    t = time.perf_counter()
+                    hits = store.search(name, q, k, filter=f)
+                    lat.append((time.perf_counter() - t) * 1e3)
+                    want = set(map(str, tr))
+                    rec.append(len(want & {h["id"] for h in hits}) / len(want))
+                    got.append(len(hits))
+                    strategies[hits.strategy] = strategies.get(hits.strategy, 0) + 1
+                row = {
+                    "iterative_scan": iterative,
+                    "filter": label,
+                    "filter_json": raw,
+                    "matching_rows": len(members),
+                    "recall": round(float(np.mean(rec)), 4),
+                    "p50_ms": round(pct(lat, 50), 2),
+                    "p99_ms": round(pct(lat, 99), 2),
+                    "rows_min": int(min(got)),
+                    "rows_mean": round(float(np.mean(got)), 1),
+                    "strategies": strategies,
+                }
+                rows_out.append(row)
+                say(
+                    f"  iterative={iterative} filter {label}: recall@{k} {row['recall']}, "
+                    f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                    f"rows {row['rows_min']}..{max(got)}, {strategies}",
+                    quiet=quiet,
+                )
+        result["results"] = rows_out
+    finally:
+        if not keep:
+            store.drop_collection(name)
+        store.close()
+    result["load_end"] = load_now()
+    return result
+
+
+def filters_summary(r: dict[str, Any]) -> str:
+    m, srv = r["machine"], r["server"]
+    lines = [
+        f"filtered pgvector search, {r['vectors']} clustered {r['dim']}-d vectors, k={r['k']}, "
+        f"{r['queries']} queries; PostgreSQL {srv['postgresql']}, pgvector {srv['pgvector']}",
+        f"machine: {m['cpu_model']}, {m['cpus_usable']} CPUs, {m['date']}; load at start {r['load_start']}",
+        f"load {r['load_seconds']} s, HNSW build {r['build_seconds']} s; ef_search {r['ef_search_rule']}",
+        f"{'iterative':>10}{'filter':>7}{'matching':>10}{'recall':>8}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'rows':>10}  strategy",
+    ]
+    for x in r["results"]:
+        rows = f"{x['rows_min']}/{x['rows_mean']:g}"
+        strat = ", ".join(f"{s} {c}" for s, c in sorted(x["strategies"].items()))
+        lines.append(
+            f"{'yes' if x['iterative_scan'] else 'no':>10}{x['filter']:>7}{x['matching_rows']:>10}"
+            f"{x['recall']:>8}{x['p50_ms']:>8}{x['p99_ms']:>8}{rows:>10}  {strat}"
+        )
+    lines.append(f"rows = min/mean returned; load at end {r['load_end']}")
     return "\n".join(lines)
