@@ -40,6 +40,9 @@ def _settings(**overrides: Any) -> Settings:
     return get_settings().with_overrides(**overrides)
 
 
+INGEST_SKIPPED = 3  # `rag ingest` finished, but skipped some inputs
+
+
 def _json_option(value: str | None, name: str) -> Any:
     if value is None:
         return None
@@ -240,7 +243,11 @@ def ingest(
     chunk_overlap: Annotated[int | None, typer.Option(help="Overlap in tokens [RAG_CHUNK_OVERLAP].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Chunk, embed and store documents. Re-running adds nothing new; changed documents are replaced."""
+    """Chunk, embed and store documents. Re-running adds nothing new; changed documents are replaced.
+
+    A file that cannot be stored (not UTF-8, a NUL byte, an undecodable name, a bad JSONL line) is skipped
+    with a warning naming it; the rest is written. Exit status: 0 everything ingested, 3 finished but
+    skipped some inputs (listed), 2 an error (nothing of the failing batch written)."""
     from rag.ingest import IngestReport, iter_demo, iter_paths
     from rag.ingest import ingest as run_ingest
     from rag.pipeline import Pipeline
@@ -274,10 +281,12 @@ def ingest(
     )
     if as_json:
         _echo_json(report.as_dict())
-        return
-    for skip in report.skipped:
-        typer.secho(f"skipped {skip}", fg=typer.colors.YELLOW, err=True)
-    typer.echo(report.summary())
+    else:
+        for skip in report.skipped:
+            typer.secho(f"skipped {skip}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(report.summary())
+    if report.skipped:
+        raise typer.Exit(INGEST_SKIPPED)
 
 
 # --------------------------------------------------------------------------------------------------

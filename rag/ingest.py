@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from rag.errors import IngestError
 from rag.store import ChunkRow, DocumentRow
+from rag.validation import text_problem
 
 if TYPE_CHECKING:
     from rag.embed import Embedder
@@ -73,8 +74,10 @@ class IngestReport:
             f"{self.documents_unchanged} unchanged, {self.chunks_added} chunks written "
             f"in {self.seconds:.1f} s"
         )
+        if self.documents_empty:
+            s += f"; {self.documents_empty} empty (nothing to index)"
         if self.skipped:
-            s += f"; {len(self.skipped)} skipped"
+            s += f"; {len(self.skipped)} skipped (see the warnings above)"
         return s
 
 
@@ -85,8 +88,16 @@ def content_hash(text: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------------
+def printable(text: str) -> str:
+    """``text`` safe to print and log: an undecodable file name shows its raw bytes as ``\\xff`` escapes."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _warn_skip(skipped: list[str] | None, path: Path | str, reason: str) -> None:
-    msg = f"{path}: {reason}"
+    msg = f"{printable(str(path))}: {reason}"
     log.warning("skipped %s", msg)
     if skipped is not None:
         skipped.append(msg)
@@ -280,6 +291,23 @@ def chunk_text(text: str, tokenizer: Any, chunk_tokens: int, overlap: int) -> li
 # --------------------------------------------------------------------------------------------------
 # Ingest
 # --------------------------------------------------------------------------------------------------
+def storable(d: Document) -> str | None:
+    """Why ``d`` cannot be stored (PostgreSQL text holds neither NUL nor lone surrogates), or None."""
+    for what, value in (("its name", d.doc_id), ("its source", d.source), ("its text", d.content)):
+        if what != "its text" and any("\udc80" <= ch <= "\udcff" for ch in value):
+            return "its file name is not valid UTF-8: rename the file"
+        problem = text_problem(value)
+        if problem:
+            return f"{what} {problem}"
+    try:
+        json.dumps(d.metadata, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        return f"its metadata cannot be stored as JSON ({e})"
+    if "\\u0000" in json.dumps(d.metadata):
+        return "its metadata holds a NUL character: remove it"
+    return None
+
+
 def _batched(it: Iterable[Document], n: int) -> Iterator[list[Document]]:
     batch: list[Document] = []
     for d in it:
@@ -320,6 +348,10 @@ def ingest(
         for batch in _batched(docs, batch_docs):
             uniq: dict[str, Document] = {}
             for d in batch:  # the last copy of an id within a batch wins
+                problem = storable(d)
+                if problem:  # skipped and reported; the rest of the batch is written
+                    _warn_skip(rep.skipped, d.source, f"not ingested: {problem}")
+                    continue
                 uniq[d.doc_id] = d
             rep.documents_seen += len(batch)
             hashes = {d.doc_id: content_hash(d.content) for d in uniq.values()}

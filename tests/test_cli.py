@@ -128,3 +128,14 @@ def test_embedded_database_lifecycle_keeps_data():
     finally:
         rag("db", "stop", env=env)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ingest_skips_what_it_cannot_store_and_says_so_in_its_exit_status(cli_env, tmp_path):
+    (tmp_path / "ok.txt").write_text("Thread locks serialise access to shared state.")
+    (tmp_path / "nul.txt").write_text("a \x00 byte")
+    env = {**cli_env, "RAG_COLLECTION": cli_env["RAG_COLLECTION"][:30] + "_skip"}
+    r = rag("ingest", str(tmp_path), env=env)
+    assert r.returncode == 3, r.stderr  # finished, with skips (documented in --help)
+    assert "nul.txt" in r.stderr and "NUL" in r.stderr and "Traceback" not in r.stderr
+    assert "1 added" in r.stdout and "1 skipped" in r.stdout
+    assert "Exit status" in rag("ingest", "--help", env=env).stdout

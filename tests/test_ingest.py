@@ -103,3 +103,29 @@ def test_demo_corpus_reads_docstrings_without_importing():
     d = next(d for d in docs if d.doc_id == "json.dumps")
     assert "Serialize" in d.content and d.source.endswith(".py:" + str(d.metadata["line"]))
     assert len({d.doc_id for d in docs}) == len(docs)
+
+
+def test_a_file_that_cannot_be_stored_is_skipped_and_the_rest_of_its_batch_written(
+    tmp_path, embedder, store, collection
+):
+    import os
+
+    from rag.ingest import IngestReport
+
+    (tmp_path / "good1.txt").write_text("The datetime module parses dates.")
+    (tmp_path / "nul.txt").write_text("text with a \x00 NUL byte inside")
+    (tmp_path / "good2.txt").write_text("Sockets are network endpoints.")
+    (tmp_path / "empty.txt").write_text("   \n")
+    with open(os.path.join(os.fsencode(tmp_path), b"bad-\xff-name.txt"), "w") as f:
+        f.write("a readable text behind an undecodable file name")
+    rep = IngestReport(collection)
+    docs = iter_paths([tmp_path], rep.skipped)
+    ingest(docs, embedder=embedder, store=store, collection=collection, batch_docs=64, report=rep)
+    assert rep.documents_added == 2 and store.count(collection) == 2  # the same batch's good files
+    assert rep.documents_empty == 1 and "1 empty" in rep.summary()
+    assert len(rep.skipped) == 2, rep.skipped
+    nul = next(s for s in rep.skipped if "nul.txt" in s)
+    assert "NUL" in nul
+    bad = next(s for s in rep.skipped if "bad-" in s)
+    assert "bad-\\xff-name.txt" in bad and "rename" in bad  # named, printably (its raw byte)
+    assert "2 skipped" in rep.summary()
