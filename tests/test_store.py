@@ -150,3 +150,50 @@ def test_search_hits_say_which_strategy_ran(store, collection):
     assert store.search(collection, np.ones(4), 5).strategy in ("hnsw->exact", "exact")  # fewer rows than k
     assert len(store.search(collection, np.ones(4), 5)) == 3
     assert store.search(collection, np.ones(4), 2, exact=True).strategy == "exact"
+
+
+def test_schema_1_databases_migrate_and_their_collections_get_the_filter_indexes(db_url):
+    import uuid
+
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from rag.store import SCHEMA_VERSION, migrate, parse_filter
+    from rag.store.schema import _MIGRATIONS
+
+    name = "rag_mig_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    url = make_conninfo(db_url, dbname=name)
+    try:
+        with psycopg.connect(url, autocommit=True) as c:  # what schema 1 left behind
+            c.execute("CREATE EXTENSION vector")
+            c.execute("CREATE TABLE rag_schema (version integer NOT NULL)")
+            c.execute(_MIGRATIONS[1])
+            c.execute("INSERT INTO rag_schema VALUES (1)")
+            c.execute("CREATE TABLE rag_docs_old (doc_id text PRIMARY KEY, source text NOT NULL)")
+            c.execute(
+                "CREATE TABLE rag_chunks_old (id text PRIMARY KEY, doc_id text NOT NULL, source text NOT NULL,"
+                " chunk_index integer NOT NULL, content text NOT NULL, metadata jsonb NOT NULL DEFAULT '{}',"
+                " content_hash text NOT NULL, embedding vector(2) NOT NULL)"
+            )
+            c.execute("INSERT INTO rag_docs_old VALUES ('d', 's.txt')")
+            c.execute(
+                "INSERT INTO rag_chunks_old VALUES ('c', 'd', 's.txt', 0, 'x', '{\"a\": 1}', 'h', '[1,0]')"
+            )
+            c.execute("INSERT INTO rag_collections VALUES ('old', 2, 'm', 16, 64, now())")
+        assert migrate(url) == SCHEMA_VERSION == 2
+        with psycopg.connect(url) as c:
+            defs = [
+                r[0] for r in c.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'rag_chunks_old'")
+            ]
+        assert any("text_pattern_ops" in d for d in defs) and any("jsonb_path_ops" in d for d in defs), defs
+        with Store(url, max_size=1) as s:
+            assert [(c["name"], c["kind"], c["chunks"]) for c in s.collections()] == [("old", "owned", 1)]
+            hits = s.search(
+                "old", np.array([1, 0], dtype=np.float32), 5, filter=parse_filter({"metadata": {"a": 1}})
+            )
+            assert [h["id"] for h in hits] == ["c"]
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
