@@ -4,6 +4,7 @@
     rag bench ingest   document embedding vs plain SentenceTransformer.encode; stage-1 nDCG@10 per dtype
     rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search
     rag bench serve    load test of a running Serve app's /search at several concurrencies; JSON + PNG
+    rag bench cache    the rerank score cache off and on: Zipf-distributed repeated /search, p50/p95, hit rate
 
 The work lives in ``rag.benchmarks``; heavy libraries load inside the commands, never at import.
 """
@@ -241,3 +242,41 @@ def serve(
         out_dir=out_dir,
     )
     _finish(r, as_json, None, vb.summary(r))
+
+
+@app.command()
+def cache(
+    requests: Annotated[int, typer.Option(help="/search requests per mode.")] = 200,
+    distinct: Annotated[int, typer.Option(help="Distinct queries the requests are drawn from.")] = 50,
+    zipf_s: Annotated[float, typer.Option(help="Zipf exponent of the query frequencies.")] = 1.1,
+    seed: Annotated[int, typer.Option(help="Seed of the query sequence.")] = 0,
+    fetch_k: Annotated[int, typer.Option(help="Candidates reranked per request.")] = 100,
+    top_k: Annotated[int, typer.Option(help="Results per request.")] = 8,
+    collection: Annotated[
+        str, typer.Option(help="Collection searched (ingested from the demo corpus when missing).")
+    ] = "bench_cache",
+    demo_docs: Annotated[int, typer.Option(help="Demo documents ingested when the collection is new.")] = 600,
+    config: Annotated[
+        Path | None, typer.Option(help="Serve config (default: serve_config.cpu.yaml).")
+    ] = None,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The rerank score cache, off then on, in one run: starts its own local Serve app twice (the Reranker
+    redeployed with rerank_cache false, then true) and sends the same Zipf-distributed sequence of /search
+    requests one at a time; p50/p95 latency and the pair hit rate per mode (docs/BENCHMARKS.md)."""
+    from bench import cache as cb
+
+    r = cb.run(
+        _settings(),
+        config=config,
+        requests=requests,
+        distinct=distinct,
+        zipf_s=zipf_s,
+        seed=seed,
+        fetch_k=fetch_k,
+        top_k=top_k,
+        collection=collection,
+        demo_docs=demo_docs,
+    )
+    _finish(r, as_json, out, cb.summary(r))
