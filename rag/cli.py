@@ -130,6 +130,9 @@ def db_status() -> None:
             f"(iterative index scans: {'yes' if info['iterative_scan'] else 'no'})"
         )
         for c in store.collections():
+            if c.get("kind") == "attached" and c.get("error"):
+                typer.secho(f"  collection {c['name']}: {c['error']}", fg=typer.colors.RED)
+                continue
             if c.get("kind") == "attached":
                 typer.echo(
                     f"  collection {c['name']}: attached table {c['table']}, {c['chunks']} rows, "

@@ -317,3 +317,19 @@ def test_the_cli_attaches_queries_refuses_ingest_and_detaches(seed_table, db_url
     finally:
         d = rag("detach", "seedcli")
     assert d.returncode == 0 and "detached seedcli" in d.stdout
+
+
+def test_a_table_that_changes_after_attaching_is_a_clear_error(store, scratch):
+    from rag.errors import ConfigError as Config
+
+    t = scratch("v_gone", VEC8, "vector_cosine_ops")
+    store.attach("v_gone", t)
+    assert len(store.search("v_gone", np.ones(8, dtype=np.float32), 2)) == 2
+    with store.connection() as conn:
+        conn.execute(f"DROP TABLE {t}")
+        conn.commit()
+    with pytest.raises(Config, match=r"'v_gone': searching public.v_gone failed .*rag detach v_gone"):
+        store.search("v_gone", np.ones(8, dtype=np.float32), 2)
+    listed = {c["name"]: c for c in store.collections()}
+    assert listed["v_gone"]["chunks"] is None and "rag detach v_gone" in listed["v_gone"]["error"]
+    assert store.detach("v_gone")

@@ -6,7 +6,7 @@ on owned collections and attached tables alike.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ from rag.errors import validate_collection_name
 from rag.store.filters import SearchFilter, parse_filter
 from rag.store.schema import REGISTRY_COLUMNS, SERVER_INFO_SQL, server_info_from_row, unavailable
 from rag.store.search import SearchHits, Target, check_k, check_vector, ef_search, plan_search
-from rag.store.tables import missing, target_from_row
+from rag.store.tables import BROKEN, missing, table_changed, target_from_row
 
 __all__ = ["AsyncStore"]
 
@@ -117,7 +117,7 @@ class AsyncStore:
         vector: np.ndarray,
         k: int,
         *,
-        filter: SearchFilter | None = None,
+        filter: SearchFilter | Mapping[str, Any] | None = None,
     ) -> SearchHits:
         """As ``Store.search``: ``k`` rows whenever ``k`` match, ``.strategy`` says which path ran."""
         check_k(k)
@@ -141,12 +141,18 @@ class AsyncStore:
             ),
             iterative=iterative,
         )
-        async with self.connection() as conn, conn.transaction():
-            rows: Any = None
-            try:
-                while True:
-                    step = policy.send(rows)
-                    cur = await conn.execute(step.query, step.params or None)
-                    rows = await cur.fetchall() if step.fetch else None
-            except StopIteration as done:
-                return done.value
+        try:
+            async with self.connection() as conn, conn.transaction():
+                rows: Any = None
+                try:
+                    while True:
+                        step = policy.send(rows)
+                        cur = await conn.execute(step.query, step.params or None)
+                        rows = await cur.fetchall() if step.fetch else None
+                except StopIteration as done:
+                    return done.value
+        except BROKEN as e:
+            if t.kind != "attached":
+                raise
+            self._targets.pop(collection, None)
+            raise table_changed(t, e) from e

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ from rag.store.collections import OwnedCollections
 from rag.store.filters import SearchFilter, parse_filter
 from rag.store.schema import REGISTRY_COLUMNS, SERVER_INFO_SQL, migrate, server_info_from_row, unavailable
 from rag.store.search import SearchHits, Target, check_k, check_vector, ef_search, plan_search
-from rag.store.tables import AttachedTables, missing, target_from_row
+from rag.store.tables import BROKEN, AttachedTables, missing, table_changed, target_from_row
 
 __all__ = ["Store"]
 
@@ -120,7 +120,18 @@ class Store(OwnedCollections, AttachedTables):
             out = []
             for row in rows:
                 t = target_from_row(row)
-                n_chunks = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t.table)).fetchone()[0]
+                try:
+                    with conn.transaction():  # a savepoint: an attached table may have gone
+                        n_chunks = conn.execute(
+                            sql.SQL("SELECT count(*) FROM {}").format(t.table)
+                        ).fetchone()[0]
+                except BROKEN as e:
+                    if t.kind != "attached":
+                        raise
+                    n_chunks = None
+                    entry_error = str(table_changed(t, e))
+                else:
+                    entry_error = None
                 entry: dict[str, Any] = {
                     "name": t.name,
                     "kind": t.kind,
@@ -138,6 +149,8 @@ class Store(OwnedCollections, AttachedTables):
                     entry.update(
                         documents=n_chunks, table=t.label, distance=t.distance, columns=t.info["columns"]
                     )
+                    if entry_error:
+                        entry["error"] = entry_error
                 out.append(entry)
             return out
 
@@ -151,7 +164,7 @@ class Store(OwnedCollections, AttachedTables):
         vector: np.ndarray,
         k: int,
         *,
-        filter: SearchFilter | None = None,
+        filter: SearchFilter | Mapping[str, Any] | None = None,
         exact: bool = False,
     ) -> SearchHits:
         """The ``k`` nearest rows (fewer only when fewer match ``filter``), best first, with
@@ -176,12 +189,18 @@ class Store(OwnedCollections, AttachedTables):
             ),
             iterative=self._iterative(),
         )
-        with self.connection() as conn, conn.transaction():
-            rows: Any = None
-            try:
-                while True:
-                    step = policy.send(rows)
-                    cur = conn.execute(step.query, step.params or None)
-                    rows = cur.fetchall() if step.fetch else None
-            except StopIteration as done:
-                return done.value
+        try:
+            with self.connection() as conn, conn.transaction():
+                rows: Any = None
+                try:
+                    while True:
+                        step = policy.send(rows)
+                        cur = conn.execute(step.query, step.params or None)
+                        rows = cur.fetchall() if step.fetch else None
+                except StopIteration as done:
+                    return done.value
+        except BROKEN as e:
+            if t.kind != "attached":
+                raise
+            self._targets.pop(collection, None)
+            raise table_changed(t, e) from e

@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 from rag.errors import CollectionError, ConfigError, validate_collection_name
 from rag.store.search import DISTANCES, Target, owned_target
 
-__all__ = ["ROLES", "AttachReport", "inspect_table", "target_from_row"]
+__all__ = ["BROKEN", "ROLES", "AttachReport", "inspect_table", "table_changed", "target_from_row"]
 
 ROLES = ("id", "content", "source", "embedding", "metadata", "doc_id")  # the last two are optional
 _TEXT_TYPES = {"text", "varchar", "bpchar", "name"}
@@ -243,6 +243,24 @@ def target_from_row(row: tuple[Any, ...]) -> Target:
         columns,
         not_null=bool(a.get("not_null", True)),
         info=a,
+    )
+
+
+# What a search of an attached table meets when the table changed under it after attaching.
+BROKEN = (
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.DataException,
+)
+
+
+def table_changed(t: Target, err: BaseException) -> ConfigError:
+    text = (str(err).strip().splitlines() or [repr(err)])[0]
+    return _fail(
+        t.name,
+        f"searching {t.label} failed ({text}): the table changed since it was attached; fix it, re-attach "
+        f"(`rag attach {t.name} --table {t.label} ...`) or `rag detach {t.name}`",
     )
 
 
