@@ -59,6 +59,9 @@ def base_config(db_url, state_dir, serve_collection) -> dict[str, Any]:
         max_documents=64,
         max_body_bytes=64 * 1024,
         rerank_timeout_s=60,
+        # the batching, admission and autoscaling tests below need every pair computed; the score cache is
+        # tested on this app last (test_score_cache_on_the_live_app) and in tests/test_rerank_api.py
+        rerank_cache=False,
     )
     for d in cfg["applications"][0]["deployments"]:
         if d["name"] == "Reranker":
@@ -327,6 +330,54 @@ def test_tei_rerank(live):
     assert [x["index"] for x in raw] == [x["index"] for x in out] and "text" not in raw[0]
 
 
+def test_jina_and_openai_clients(live):
+    import openai
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.postprocessor.jinaai_rerank import JinaRerank
+
+    nodes = [NodeWithScore(node=TextNode(text=d, id_=f"n{i}"), score=0.0) for i, d in enumerate(DOCS)]
+    jina = JinaRerank(
+        top_n=2, model="jina-reranker-v2-base-multilingual", base_url=live.url + "/v1", api_key="x"
+    )
+    out = jina.postprocess_nodes(nodes, query_bundle=QueryBundle("capital of the US?"))
+    assert len(out) == 2 and out[0].score >= out[1].score
+    client = openai.OpenAI(api_key="unused", base_url=live.url + "/v1", timeout=120)
+    resp = client.embeddings.create(
+        model="text-embedding-3-small", input=["hello", "world"]
+    )  # base64 on the wire
+    tei = post(live, "/embed", {"inputs": ["hello", "world"]}).json()
+    import numpy as np
+
+    assert np.allclose([d.embedding for d in resp.data], tei, atol=1e-6)
+    assert resp.usage.total_tokens == 6  # [CLS] hello [SEP], [CLS] world [SEP]
+
+
+def test_long_document_windows_ids_and_usage_headers(live):
+    long = " ".join(["Carson City is a city in Nevada with a long history of mining."] * 150) + " " + DOCS[2]
+    r = post(
+        live,
+        "/v2/rerank",
+        {
+            "query": "capital of the US?",
+            "documents": [{"id": "long", "text": long}, DOCS[0]],
+            "return_documents": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    res = {x["index"]: x for x in body["results"]}
+    assert res[0]["id"] == "long" and res[0]["windows"] > 3 and res[0]["document"]["text"] == long
+    assert 0 <= res[0]["span"]["start"] < res[0]["span"]["end"] <= len(long) and "span" not in res[1]
+    pairs = int(r.headers["x-rerank-pairs"])
+    assert pairs == res[0]["windows"] + 1  # every window is a pair for the batcher
+    assert body["meta"]["tokens"]["input_tokens"] == int(r.headers["x-compute-tokens"]) > 1500
+    for h in ("x-total-time", "x-queue-time", "x-inference-time"):
+        assert r.headers[h].isdigit()
+    assert int(r.headers["x-total-time"]) >= int(r.headers["x-inference-time"]) > 0
+    tei = post(live, "/rerank", {"query": "capital of the US?", "texts": [long], "truncate": False})
+    assert tei.status_code == 422 and "truncate: false" in tei.json()["error"]
+
+
 # --------------------------------------------------------------------------------------------------
 # the error table, on the live app (rows that need a broken dependency: test_serve_errors.py)
 # --------------------------------------------------------------------------------------------------
@@ -492,3 +543,23 @@ def test_reranker_autoscales_up_and_down(live):
         assert _replicas("Reranker") == 1, "the Reranker did not scale back to 1 replica after the load"
     finally:
         live.deploy(live.config)
+
+
+def test_score_cache_on_the_live_app(live):
+    """Last: the app redeployed with the score cache on (the Reranker restarts with its new args)."""
+    cfg = copy.deepcopy(live.config)
+    cfg["applications"][0]["args"]["rerank_cache"] = True
+    live.deploy(cfg)
+    from helpers import wait_ready
+
+    wait_ready(live.url)
+    body = {"query": "capital of the US? (cache test)", "documents": DOCS}
+    first, second = post(live, "/v2/rerank", body), post(live, "/v2/rerank", body)
+    assert first.headers["x-rerank-cache-hits"] == "0" and second.headers["x-rerank-cache-hits"] == str(
+        len(DOCS)
+    )
+    assert [x["relevance_score"] for x in first.json()["results"]] == [
+        x["relevance_score"] for x in second.json()["results"]
+    ]
+    cache = httpx.get(live.url + "/info", timeout=60).json()["stages"]["reranker"]["score_cache"]
+    assert cache["enabled"] is True and cache["max_entries"] == 200_000 and cache["hits"] >= len(DOCS)
