@@ -38,7 +38,12 @@ def test_only_missing_pairs_are_computed():
     assert rr.score([("q", "a"), ("q", "b"), ("q", "c")]) == [first[0], first[1], scores[1]]
     assert len(inner.calls) == n  # all hits: no model call at all
     info = rr.cache.info()
-    assert info["entries"] == 4 and info["hits"] == 1 + 3 and info["misses"] == 3 + 2 and info["max_entries"] == 100
+    assert (
+        info["entries"] == 4
+        and info["hits"] == 1 + 3
+        and info["misses"] == 3 + 2
+        and info["max_entries"] == 100
+    )
 
 
 def test_lru_bounded_in_entries_and_bytes():
