@@ -16,13 +16,15 @@ import numpy as np
 from ray import serve
 
 from deployments import metrics
-from rag.errors import StoreUnavailable
+from rag.errors import StoreUnavailable, redact_url
 from rag.settings import StoreConfig
 from rag.store import AsyncStore
 
 __all__ = ["Retriever"]
 
 log = logging.getLogger("ray.serve")
+
+READY_PING_S = 1.5  # the ingress's ready_timeout_s defaults to 2 s
 
 _GAUGES = {
     "rag_db_pool_size": "pool_size",
@@ -95,9 +97,22 @@ class Retriever:
         return out
 
     async def ready(self) -> dict[str, Any]:
+        """The database answers a ping within READY_PING_S (below the ingress's /readyz timeout, so
+        /readyz says "database unreachable" rather than that the Retriever did not answer)."""
         t0 = time.perf_counter()
-        store = await self._get_store()
-        await store.ping()
+
+        async def ping() -> AsyncStore:
+            store = await self._get_store()
+            await store.ping()
+            return store
+
+        try:
+            store = await asyncio.wait_for(ping(), READY_PING_S)
+        except TimeoutError as e:
+            raise StoreUnavailable(
+                f"database unreachable: PostgreSQL did not answer within {READY_PING_S:g}s "
+                f"({redact_url(self.config.database_url)}); is it running?"  # type: ignore[attr-defined]
+            ) from e
         self._record_pool()
         return {
             "database": "reachable",

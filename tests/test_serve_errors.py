@@ -179,9 +179,7 @@ def test_table_rows_are_the_documented_ones():
 
 def test_row_request_validation_error_is_422():
     c, _ = make()
-    body = check_error(
-        c.post("/v2/rerank", json={"query": "q", "documents": ["a", 1]}), 422, "invalid_input"
-    )
+    body = check_error(c.post("/v2/rerank", json={"query": "q", "documents": ["a", 1]}), 422, "invalid_input")
     assert "documents.1" in body["error"]  # neither a string nor a {text} object
     body = check_error(  # an object without a string text: InvalidInput, same 422
         c.post("/v2/rerank", json={"query": "q", "documents": ["a", {"x": 1}]}), 422, "invalid_input"
@@ -533,3 +531,29 @@ def test_no_keys_means_open_and_the_start_up_line_says_so():
     assert "OFF" in auth_line(Settings().slice("search"))
     assert "on (2 API keys" in auth_line(Settings(api_keys="a,b").slice("search"))
     assert key_matches("b", ["a", "b"]) and not key_matches("c", ["a", "b"]) and not key_matches(None, ["a"])
+
+
+def test_retriever_readiness_says_database_unreachable_when_it_hangs():
+    """A database that accepts TCP but never answers: ready() names it within 1.5 s, not a stage timeout."""
+    import socket
+    import time
+
+    from deployments.retriever import READY_PING_S, Retriever
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)  # never accepted: the handshake hangs
+        port = srv.getsockname()[1]
+        cls = Retriever.func_or_class
+        cfg = StoreConfig(database_url=f"postgresql://u:pw@127.0.0.1:{port}/rag", connect_timeout_s=10)
+
+        async def run() -> float:
+            r = cls.__new__(cls)  # the constructor would wait the pool's timeout: set its state directly
+            r.config, r._store, r._lock, r._last_error = cfg, None, asyncio.Lock(), None
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="database unreachable") as e:
+                await r.ready()
+            assert "pw" not in str(e.value)
+            return time.monotonic() - t0
+
+        assert asyncio.run(run()) < READY_PING_S + 1.0
