@@ -124,27 +124,10 @@ def run(
             f"maintenance_work_mem={maintenance_work_mem}, {parallel_workers} parallel workers) ...",
             quiet=quiet,
         )
+        result["build_seconds"] = _build_hnsw(
+            store, index, chunks_t, settings, maintenance_work_mem, parallel_workers
+        )
         with store.connection() as conn:
-            conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
-            conn.execute(
-                sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(parallel_workers))
-            )
-            t = time.perf_counter()
-            conn.execute(
-                sql.SQL(
-                    "CREATE INDEX {} ON {} USING hnsw (embedding vector_cosine_ops) "
-                    "WITH (m = {}, ef_construction = {})"
-                ).format(
-                    sql.Identifier(index),
-                    chunks_t,
-                    sql.Literal(settings.hnsw_m),
-                    sql.Literal(settings.hnsw_ef_construction),
-                )
-            )
-            conn.commit()
-            result["build_seconds"] = round(time.perf_counter() - t, 1)
-            conn.execute(sql.SQL("ANALYZE {}").format(chunks_t))
-            conn.commit()
             size = conn.execute("SELECT pg_relation_size(%s::regclass)", [index]).fetchone()[0]
             shared = conn.execute("SHOW shared_buffers").fetchone()[0]
         result["index_mib"] = round(size / 2**20, 1)
@@ -197,6 +180,32 @@ def run(
         store.close()
     result["load_end"] = load_now()
     return result
+
+
+def _build_hnsw(store: Any, index: str, chunks_t: Any, settings: Any, work_mem: str, workers: int) -> float:
+    """CREATE INDEX ... USING hnsw with this session's build memory and workers, then ANALYZE; seconds."""
+    from psycopg import sql
+
+    with store.connection() as conn:
+        conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(work_mem)))
+        conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(workers)))
+        t = time.perf_counter()
+        conn.execute(
+            sql.SQL(
+                "CREATE INDEX {} ON {} USING hnsw (embedding vector_cosine_ops) "
+                "WITH (m = {}, ef_construction = {})"
+            ).format(
+                sql.Identifier(index),
+                chunks_t,
+                sql.Literal(settings.hnsw_m),
+                sql.Literal(settings.hnsw_ef_construction),
+            )
+        )
+        conn.commit()
+        seconds = round(time.perf_counter() - t, 1)
+        conn.execute(sql.SQL("ANALYZE {}").format(chunks_t))
+        conn.commit()
+    return seconds
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -299,27 +308,9 @@ def run_filters(
             store.write_batch(name, docs, rows, x)
             say(f"  loaded {start + m}/{n} ({time.perf_counter() - t0:.0f} s)", quiet=quiet)
         result["load_seconds"] = round(time.perf_counter() - t0, 1)
-        with store.connection() as conn:
-            conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
-            conn.execute(
-                sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(parallel_workers))
-            )
-            t = time.perf_counter()
-            conn.execute(
-                sql.SQL(
-                    "CREATE INDEX {} ON {} USING hnsw (embedding vector_cosine_ops) "
-                    "WITH (m = {}, ef_construction = {})"
-                ).format(
-                    sql.Identifier(index),
-                    chunks_t,
-                    sql.Literal(settings.hnsw_m),
-                    sql.Literal(settings.hnsw_ef_construction),
-                )
-            )
-            conn.commit()
-            result["build_seconds"] = round(time.perf_counter() - t, 1)
-            conn.execute(sql.SQL("ANALYZE {}").format(chunks_t))
-            conn.commit()
+        result["build_seconds"] = _build_hnsw(
+            store, index, chunks_t, settings, maintenance_work_mem, parallel_workers
+        )
         say(f"  HNSW built in {result['build_seconds']} s", quiet=quiet)
         queries = mix.sample(n_queries, np.random.default_rng(99))
         idx = np.arange(n)
