@@ -135,6 +135,7 @@ class Embedder:
             "dtype": self.dtype,
             "dim": self.dim,
             "runtime": self.runtime,
+            "trained": True,  # the embedder is always the real model (packaged, local or hub): no stand-in
         }
 
     def _encode_fast(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:

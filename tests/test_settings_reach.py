@@ -206,6 +206,7 @@ def test_info_reports_what_the_replicas_run(reach):
     assert st["reranker"]["model"] == NON_DEFAULT["rerank_model"] and st["reranker"]["trained"] is False
     assert st["reranker"]["user_config"]["max_pairs_per_batch"] >= 1
     assert st["embedder"]["runtime"] == "torch" and st["embedder"]["dtype"] == "float32"
+    assert st["embedder"]["trained"] is True and st["embedder"]["threads"] == 1
     assert "3" in st["store"]["ef_search_rule"] and st["store"]["database"]["pgvector"]
     assert st["search"]["limits"]["max_documents"] == 200 and st["search"]["timeouts_s"]["rerank"] == 45.0
     assert info["service"]["ray"] and info["service"]["version"]
