@@ -97,3 +97,37 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
             last = str(e)
         assert time.monotonic() < deadline, f"{url} not ready after {timeout_s:.0f}s: {last}"
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def in_process_batching(*deployment_classes: type) -> Iterator[None]:
+    """Run Serve deployment classes in this process (``@serve.batch`` methods included) for a test.
+
+    A ``@serve.batch`` method keeps its queue and knobs in its decorator's closure, shared by the class: once
+    used here, the queue (an asyncio object) would make the class unpicklable for a later ``.bind()``. On
+    exit the queues are dropped and the knobs restored, so the classes are as imported."""
+    from ray.serve import batching
+
+    wrappers, seen = [], set()
+
+    def visit(fn: Any) -> None:
+        if id(fn) in seen:
+            return
+        seen.add(id(fn))
+        for cell in getattr(fn, "__closure__", None) or ():
+            obj = cell.cell_contents
+            if isinstance(obj, batching._LazyBatchQueueWrapper):
+                wrappers.append((obj, obj.max_batch_size, obj.batch_wait_timeout_s))
+            elif callable(obj):
+                visit(obj)
+        visit(getattr(fn, "__wrapped__", None))
+
+    for cls in deployment_classes:
+        for fn in vars(cls).values():
+            visit(fn)
+    assert wrappers, f"no @serve.batch method found on {deployment_classes}"
+    try:
+        yield
+    finally:
+        for w, size, wait in wrappers:
+            w._queue, w.max_batch_size, w.batch_wait_timeout_s = None, size, wait

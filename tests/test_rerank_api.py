@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port
+from helpers import free_port, in_process_batching
 
 QUERY = "What is the capital of the United States?"
 DOCS = [
@@ -93,6 +93,8 @@ def app(settings) -> App:
     s = settings.with_overrides(
         rerank_dtype="float32", embedding_dtype="float32", max_documents=MAX_DOCUMENTS
     )
+    batching_here = in_process_batching(Reranker.func_or_class, Embedder.func_or_class)
+    batching_here.__enter__()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StandInWarning)
         rr = Reranker.func_or_class(s.slice("reranker"))
@@ -121,6 +123,7 @@ def app(settings) -> App:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        batching_here.__exit__(None, None, None)
         mp.undo()
 
 
