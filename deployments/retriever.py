@@ -62,8 +62,11 @@ class Retriever:
                 store = AsyncStore(c.database_url, **c.store_kwargs())
                 try:
                     await store.open()  # a pool that failed to open is closed for good: make a new one
-                except StoreUnavailable as e:
-                    self._last_error = str(e)
+                except BaseException as e:  # incl. a caller's timeout: the half-open pool's tasks must go
+                    with contextlib.suppress(Exception):
+                        await store.close(timeout_s=0.1)
+                    if isinstance(e, StoreUnavailable):
+                        self._last_error = str(e)
                     raise
                 self._store, self._last_error = store, None
                 self._record_pool()

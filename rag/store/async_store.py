@@ -67,8 +67,9 @@ class AsyncStore:
         except PoolTimeout as e:
             raise unavailable(self.url, e) from e
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Close the pool, waiting at most ``timeout_s`` for its workers (0.1: a pool that never opened)."""
+        await self.pool.close(timeout=timeout_s)
 
     def stats(self) -> dict[str, int]:
         return dict(self.pool.get_stats())
