@@ -74,7 +74,7 @@ def run(
     from psycopg import sql
 
     from rag.db import database_url
-    from rag.store import ChunkRow, DocumentRow, Store
+    from rag.store import Store
 
     ef_values = sorted(ef_values or [100, 120, 160, 200, 300, 400, 600, 800])
     machine = machine_info()
@@ -102,23 +102,10 @@ def run(
         "parallel_workers": parallel_workers,
     }
     try:
-        store.ensure_collection(name, dim=dim, embedding_model="synthetic-clustered")
-        index = f"rag_chunks_{name}_hnsw"
-        chunks_t = sql.Identifier(f"rag_chunks_{name}")
-        with store.connection() as conn:
-            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
-            conn.commit()
-        data = np.empty((n, dim), dtype=np.float32)
-        t0 = time.perf_counter()
-        for start in range(0, n, batch):
-            m = min(batch, n - start)
-            x = mix.sample(m, rng)
-            data[start : start + m] = x
-            docs = [DocumentRow(f"d{i}", "synthetic", "h") for i in range(start, start + m)]
-            rows = [ChunkRow(str(i), f"d{i}", "synthetic", 0, "", "h") for i in range(start, start + m)]
-            store.write_batch(name, docs, rows, x)
-            say(f"  loaded {start + m}/{n} ({time.perf_counter() - t0:.0f} s)", quiet=quiet)
-        result["load_seconds"] = round(time.perf_counter() - t0, 1)
+        index, chunks_t = f"rag_chunks_{name}_hnsw", sql.Identifier(f"rag_chunks_{name}")
+        data, result["load_seconds"] = _load(
+            store, name, n, dim, mix, rng, batch, lambda i: ("synthetic", {}), quiet
+        )
         say(
             f"building the HNSW index (m={settings.hnsw_m}, ef_construction={settings.hnsw_ef_construction}, "
             f"maintenance_work_mem={maintenance_work_mem}, {parallel_workers} parallel workers) ...",
@@ -180,6 +167,36 @@ def run(
         store.close()
     result["load_end"] = load_now()
     return result
+
+
+def _load(
+    store: Any, name: str, n: int, dim: int, mix: Mixture, rng: Any, batch: int, label: Any, quiet: bool
+) -> tuple[np.ndarray, float]:
+    """A fresh collection of ``n`` vectors from ``mix`` (row i's (source, metadata) = ``label(i)``), loaded
+    without its HNSW index (built afterwards, timed apart); the vectors and the load seconds."""
+    from psycopg import sql
+
+    from rag.store import ChunkRow, DocumentRow
+
+    store.ensure_collection(name, dim=dim, embedding_model="synthetic-clustered")
+    with store.connection() as conn:
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(f"rag_chunks_{name}_hnsw")))
+        conn.commit()
+    data = np.empty((n, dim), dtype=np.float32)
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        x = mix.sample(m, rng)
+        data[start : start + m] = x
+        lab = [label(i) for i in range(start, start + m)]
+        docs = [DocumentRow(f"d{i}", lab[i - start][0], "h") for i in range(start, start + m)]
+        rows = [
+            ChunkRow(str(i), f"d{i}", lab[i - start][0], 0, "", "h", lab[i - start][1])
+            for i in range(start, start + m)
+        ]
+        store.write_batch(name, docs, rows, x)
+        say(f"  loaded {start + m}/{n} ({time.perf_counter() - t0:.0f} s)", quiet=quiet)
+    return data, round(time.perf_counter() - t0, 1)
 
 
 def _build_hnsw(store: Any, index: str, chunks_t: Any, settings: Any, work_mem: str, workers: int) -> float:
@@ -262,7 +279,7 @@ def run_filters(
     from psycopg import sql
 
     from rag.db import database_url
-    from rag.store import ChunkRow, DocumentRow, Store, parse_filter
+    from rag.store import Store, parse_filter
 
     machine = machine_info()
     load_start = load_now()
@@ -287,27 +304,8 @@ def run_filters(
         f"{store.filtered_ef_factor} when filtered (at most 1000)",
     }
     try:
-        store.ensure_collection(name, dim=dim, embedding_model="synthetic-clustered")
-        index = f"rag_chunks_{name}_hnsw"
-        chunks_t = sql.Identifier(f"rag_chunks_{name}")
-        with store.connection() as conn:
-            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
-            conn.commit()
-        data = np.empty((n, dim), dtype=np.float32)
-        t0 = time.perf_counter()
-        for start in range(0, n, batch):
-            m = min(batch, n - start)
-            x = mix.sample(m, rng)
-            data[start : start + m] = x
-            lab = [_labels(i) for i in range(start, start + m)]
-            docs = [DocumentRow(f"d{i}", lab[i - start][0], "h") for i in range(start, start + m)]
-            rows = [
-                ChunkRow(str(i), f"d{i}", lab[i - start][0], 0, "", "h", lab[i - start][1])
-                for i in range(start, start + m)
-            ]
-            store.write_batch(name, docs, rows, x)
-            say(f"  loaded {start + m}/{n} ({time.perf_counter() - t0:.0f} s)", quiet=quiet)
-        result["load_seconds"] = round(time.perf_counter() - t0, 1)
+        index, chunks_t = f"rag_chunks_{name}_hnsw", sql.Identifier(f"rag_chunks_{name}")
+        data, result["load_seconds"] = _load(store, name, n, dim, mix, rng, batch, _labels, quiet)
         result["build_seconds"] = _build_hnsw(
             store, index, chunks_t, settings, maintenance_work_mem, parallel_workers
         )
