@@ -5,6 +5,7 @@
     rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search
     rag bench serve    load test of a running Serve app's /search at several concurrencies; JSON + PNG
     rag bench cache    the rerank score cache off and on: Zipf-distributed repeated /search, p50/p95, hit rate
+    rag bench soak     minutes of mixed load on a running app: statuses, p50/p99 per route, replica RSS
 
 The work lives in ``rag.benchmarks``; heavy libraries load inside the commands, never at import.
 """
@@ -280,3 +281,41 @@ def cache(
         demo_docs=demo_docs,
     )
     _finish(r, as_json, out, cb.summary(r))
+
+
+@app.command()
+def soak(
+    url: Annotated[
+        str, typer.Option(help="The running app (127.0.0.1/localhost only).")
+    ] = "http://127.0.0.1:8000",
+    duration: Annotated[float, typer.Option(help="Seconds of load (issue 12's soak: 600).")] = 600.0,
+    concurrency: Annotated[int, typer.Option(help="Closed-loop clients.")] = 4,
+    documents: Annotated[int, typer.Option(help="Documents per rerank-route call.")] = 20,
+    fetch_k: Annotated[int, typer.Option(help="Candidates per /search.")] = 100,
+    top_k: Annotated[int, typer.Option(help="Results per request.")] = 8,
+    api_key: Annotated[
+        str | None, typer.Option(help="Bearer key (default: the first of RAG_API_KEYS, when set).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the route and query sequence.")] = 0,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Steady mixed load on the running app: /search (reranked and dense), the three rerank routes, /embed
+    and /v1/embeddings. Prints requests, statuses and p50/p99 per route, 5xx that were not a deliberate
+    503 + Retry-After, and each Serve replica's RSS at start and end. Exits 1 when the target (no such
+    5xx, RSS growth < 10%) is missed."""
+    from bench import soak as sk
+
+    r = sk.run(
+        url=url,
+        duration=duration,
+        concurrency=concurrency,
+        documents=documents,
+        top_k=top_k,
+        fetch_k=fetch_k,
+        api_key=api_key or next(iter(_settings().slice("search").api_key_list()), None),
+        seed=seed,
+    )
+    _finish(r, as_json, out, sk.summary(r))
+    if not r["pass"]:
+        raise typer.Exit(1)

@@ -1,0 +1,54 @@
+"""`rag bench soak`: its request bodies are valid for the routes they go to, and RSS is read per replica."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from bench import soak
+from deployments import _schemas as s
+
+MODELS = {
+    "/search": s.SearchRequest,
+    "/v2/rerank": s.CohereRerankRequest,
+    "/v1/rerank": s.CohereV1RerankRequest,
+    "/rerank": s.TEIRerankRequest,
+    "/embed": s.EmbedRequest,
+    "/v1/embeddings": s.OpenAIEmbeddingsRequest,
+}
+
+
+@pytest.mark.parametrize("route", list(soak.MIX))
+def test_every_body_matches_its_route_schema(route: str) -> None:
+    body = soak._body(route, "a query", ["doc one", "doc two"], top_k=2, fetch_k=10)
+    model = MODELS[soak.PATHS[route]]
+    model.model_validate(body, strict=True)  # raises on a field the route does not take
+
+
+def test_mix_and_paths_cover_the_same_routes() -> None:
+    assert set(soak.MIX) == set(soak.PATHS)
+    assert set(soak.PATHS.values()) == set(MODELS)
+
+
+def test_deliberate_means_503_with_retry_after() -> None:
+    assert soak._deliberate(503, {"retry-after": "1"})
+    assert not soak._deliberate(503, {})
+    assert not soak._deliberate(500, {"retry-after": "1"})
+
+
+def test_replica_rss_finds_a_process_titled_like_a_replica() -> None:
+    # Ray titles a replica's worker "ray::ServeReplica:<app>:<deployment>"; exec -a gives a process that title.
+    proc = subprocess.Popen(["bash", "-c", 'exec -a "ray::ServeReplica:soaktest:FakeStage" sleep 30'])
+    try:
+        deadline = time.monotonic() + 10
+        while (key := f"FakeStage#{proc.pid}") not in (found := soak.replica_rss()):
+            assert time.monotonic() < deadline, f"not found among {sorted(found)}"
+            time.sleep(0.05)
+        assert found[key] > 0
+        assert str(os.getpid()) not in {k.rsplit("#", 1)[1] for k in found}  # pytest is no replica
+    finally:
+        proc.kill()
+        proc.wait()
