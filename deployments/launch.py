@@ -217,6 +217,21 @@ def check_collections(settings: Settings, url: str) -> list[str]:
         return store.validate_attached(dim)
 
 
+def ray_network_line(metrics_port: int) -> str:
+    """What Ray exposes beyond the API: its control plane's token auth and the metrics port's reach."""
+    try:  # Ray 2.52+: token authentication, on by default for a local cluster since 2.59
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        token = get_authentication_mode() == AuthenticationMode.TOKEN
+    except ImportError:  # pragma: no cover - older Ray
+        token = False
+    plane = "token auth ON" if token else "token auth OFF (set RAY_AUTH_MODE=token)"
+    return (
+        f"ray       control plane {plane}; metrics :{metrics_port} listen on every interface "
+        "(Ray has no bind address for them): firewall that port where untrusted hosts reach this machine"
+    )
+
+
 class _Stop(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -238,6 +253,7 @@ def _banner(r: Running, settings: Settings) -> None:
         f"  ready     curl -s {r.url}/readyz\n"
         f"  metrics   {r.metrics_url}  (Prometheus; ours are ray_rag_*, Serve's ray_serve_*)\n"
         f"  {auth_line(settings.slice('search'))}\n"
+        f"  {ray_network_line(settings.metrics_port)}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )

@@ -128,6 +128,10 @@ def _pod_specs(docs: list[dict]) -> Iterator[tuple[str, dict, dict]]:
                 yield f"RayService/{pod['metadata']['name']}", pod["metadata"], pod["spec"]
 
 
+def _component(pod_metadata: dict) -> str | None:
+    return (pod_metadata.get("labels") or {}).get("app.kubernetes.io/component")
+
+
 def _quantity(q: Any) -> float:
     """A Kubernetes quantity as a float (cores, bytes, or a plain count)."""
     s = str(q)
@@ -171,14 +175,17 @@ def _unpin(cfg: dict) -> dict:
 # rendering
 # --------------------------------------------------------------------------------------------------
 KUBECTL = _tool("kubectl")
+# The secretGenerators' env files: git-ignored, made from these committed examples (placeholders) to render.
+SECRET_EXAMPLES = ("base/postgres/postgres.env.example", "base/api-keys.env.example")
 
 
 @pytest.fixture(scope="session")
 def k8s_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """k8s/ copied, with the secretGenerator's env file made from the committed example (placeholders)."""
     root = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("__pycache__", "postgres.env"))
-    shutil.copy(root / "base/postgres/postgres.env.example", root / "base/postgres/postgres.env")
+    shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("__pycache__", "postgres.env", "api-keys.env"))
+    for example in SECRET_EXAMPLES:
+        shutil.copy(root / example, root / example.removesuffix(".example"))
     return root
 
 
@@ -637,19 +644,23 @@ def test_pods_run_non_root_with_limits(rendered: dict[str, list[dict]], overlay:
 
 
 def test_secret_values_are_never_committed(rendered: dict[str, list[dict]]) -> None:
-    ignored = subprocess.run(["git", "check-ignore", "-q", "k8s/base/postgres/postgres.env"], cwd=REPO)
-    assert ignored.returncode == 0, "k8s/base/postgres/postgres.env must be git-ignored"
-    tracked = subprocess.run(
-        ["git", "ls-files", "k8s/base/postgres/postgres.env"], cwd=REPO, capture_output=True, text=True
-    )
-    assert tracked.stdout.strip() == "", "postgres.env is tracked by git"
+    for example in SECRET_EXAMPLES:
+        real = f"k8s/{example.removesuffix('.example')}"
+        ignored = subprocess.run(["git", "check-ignore", "-q", real], cwd=REPO)
+        assert ignored.returncode == 0, f"{real} must be git-ignored"
+        tracked = subprocess.run(["git", "ls-files", real], cwd=REPO, capture_output=True, text=True)
+        assert tracked.stdout.strip() == "", f"{real} is tracked by git"
     example = (K8S / "base/postgres/postgres.env.example").read_text()
     assert re.findall(r"^(\w+)=change-me", example, re.M) == ["POSTGRES_PASSWORD", "RAG_DB_PASSWORD"]
+    keys = (K8S / "base/api-keys.env.example").read_text()
+    assert re.findall(r"^(\w+)=replace-me", keys, re.M) == ["RAG_API_KEYS"]
     for overlay in OVERLAYS:
         for what, _, spec in _pod_specs(rendered[overlay]):
             for c in spec["containers"]:
                 for e in c.get("env", []):
-                    if re.search(r"PASSWORD|SECRET|TOKEN", e["name"]) and not e["name"].endswith("_FILE"):
+                    if re.search(r"PASSWORD|SECRET|TOKEN|KEYS", e["name"]) and not e["name"].endswith(
+                        "_FILE"
+                    ):
                         assert "value" not in e and "secretKeyRef" in e["valueFrom"], f"{what}: {e['name']}"
                     if "://" in e.get("value", ""):
                         assert urlsplit(e["value"]).password is None, f"{what}: a password in {e['name']}"
@@ -1038,3 +1049,24 @@ def test_ray_places_gpu_overlay_replicas_on_their_worker_groups(rendered: dict[s
             serve.shutdown()
             ray.shutdown()
         cluster.shutdown()
+
+
+def test_every_ray_container_takes_the_api_keys_from_their_secret(rendered: dict[str, list[dict]]) -> None:
+    """The ingress may run on any Ray pod: each one gets RAG_API_KEYS from the Secret rag-api-keys, which the
+    base renders (from api-keys.env), so authentication is on wherever the app is deployed."""
+    for overlay in OVERLAYS:
+        docs = rendered[overlay]
+        assert any(d["kind"] == "Secret" and d["metadata"]["name"] == "rag-api-keys" for d in docs), overlay
+        ray = [(w, spec) for w, meta, spec in _pod_specs(docs) if _component(meta) == "ray"]
+        assert ray, overlay
+        for what, spec in ray:
+            for c in spec["containers"]:
+                env = {e["name"]: e for e in c.get("env", [])}
+                ref = env.get("RAG_API_KEYS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+                assert ref == {"name": "rag-api-keys", "key": "RAG_API_KEYS"}, f"{overlay} {what}/{c['name']}"
+
+
+def test_ray_control_plane_requires_a_token(rendered: dict[str, list[dict]]) -> None:
+    for overlay in OVERLAYS:
+        (svc,) = [d for d in rendered[overlay] if d["kind"] == "RayService"]
+        assert svc["spec"]["rayClusterConfig"].get("authOptions") == {"mode": "token"}, overlay
