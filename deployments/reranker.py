@@ -25,6 +25,17 @@ Long documents (``rerank_documents``, the rerank routes): each document is plann
 estimate all count windows. ``/search`` candidates (``rerank``) are chunks: one window each unless
 ``rerank_search_windows`` says more. Scores go through the replica's score cache (``rag.score_cache``)
 unless ``rerank_cache`` is off: a batch computes only the pairs it lacks.
+
+Fair capacity: a request goes through the batch queue one chunk of at most ``rerank_chunk_pairs`` pairs at a
+time (its next chunk joins the queue when the previous one is scored), so every batch holds at most one
+chunk per request and a 1,000-document request takes turns with the /search requests instead of holding the
+replica for its whole run. Chunk boundaries are the cancellation points: a request that is cancelled (the
+ingress's timeout, or its HTTP client went away; Serve cancels the replica's task) or whose ``deadline_s``
+has passed sends no further chunk, and a batch drops, before it starts, the items of cancelled requests
+(Ray's batch queue skips cancelled futures) and of requests past their deadline. Admission estimates the
+wait under that sharing: a request of ``n`` pairs waits for at most as many rounds' worth of each active
+request's pairs as it needs itself. The rerank routes refuse up front (422) a request costing more tokens
+than ``rerank_max_request_tokens``.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments._args import RerankerUserConfig
-from rag.errors import InvalidInput, Overloaded, RerankerError
+from rag.errors import InvalidInput, Overloaded, RerankerError, StageTimeout
 from rag.longdoc import Plan, windower_for
 from rag.rerank import make_reranker
 from rag.score_cache import with_cache
@@ -70,6 +81,7 @@ class _Item:
     request_cap: int
     pair_cap: int
     enqueued_at: float
+    expires_at: float | None = None  # perf_counter() after which the caller no longer waits
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,13 @@ def admission_wait_s(pending_pairs: int, pairs: int, pairs_per_s: float | None) 
     return (pending_pairs + pairs) / pairs_per_s
 
 
+def fair_pairs_ahead(remaining: list[int], pairs: int, chunk: int) -> int:
+    """Pairs scored before a new request of ``pairs`` finishes, when every active request (``remaining``
+    pairs each) contributes up to ``chunk`` pairs per round: at most as many rounds of each as it needs."""
+    rounds_pairs = -(-pairs // chunk) * chunk
+    return sum(min(r, rounds_pairs) for r in remaining)
+
+
 def validate_rerank_input(query: object, documents: object) -> None:
     """The one text rule (``rag.validation``), applied before a request joins a batch."""
     validate_query(query)
@@ -125,7 +144,8 @@ class Reranker:
         self._gate.set()
         self._stats = self._empty_stats()
         self._recent: deque[tuple[int, int]] = deque(maxlen=64)
-        self._pending_pairs = 0  # admitted and not finished
+        self._active: dict[int, int] = {}  # admitted requests -> their pairs not yet scored
+        self._next_request = 0
         self._pairs_per_s: float | None = None  # per batch (compute time): min(last, EWMA)
         self._batch_no = 0
         metrics.get("rag_model_info").set(
@@ -208,6 +228,8 @@ class Reranker:
                 field=field,
             )
         tokenize_ms = (time.perf_counter() - t0) * 1e3
+        if plan is not None:
+            self._check_cost(plan)
         texts = plan.texts if plan is not None else list(documents)
         scores, usage = await self._score_queued(query, texts, deadline_s)
         if plan is None:  # a backend that reads documents itself (Cohere)
@@ -229,6 +251,17 @@ class Reranker:
             **usage,
         }
 
+    def _check_cost(self, plan: Plan) -> None:
+        """The per-request cost cap (tokens of all pairs, as the model reads them): 422 before any work."""
+        cap = self.config.rerank_max_request_tokens
+        if plan.tokens > cap:
+            self._stats["refused_cost"] += 1
+            raise InvalidInput(
+                f"this rerank request would cost {plan.tokens} tokens ({plan.n_pairs} query-window pairs), "
+                f"more than the per-request cap of {cap} tokens (RAG_RERANK_MAX_REQUEST_TOKENS): send fewer "
+                "or shorter documents, lower max_tokens_per_doc, or split the request"
+            )
+
     def _check_enabled(self) -> None:
         if not self.reranker.enabled:
             raise RerankerError("reranking is disabled (RAG_RERANKER=none)")
@@ -236,38 +269,63 @@ class Reranker:
     async def _score_queued(
         self, query: str, texts: list[str], deadline_s: float | None
     ) -> tuple[list[float], dict[str, Any]]:
-        """Scores of (query, text) pairs through the batch queue, after admission; and usage figures."""
+        """Scores of (query, text) pairs through the batch queue, after admission, one chunk at a time, and
+        usage figures. Stops between chunks when cancelled or past ``deadline_s`` (module docstring)."""
         n = len(texts)
         if n == 0:
             return [], {"pairs": 0, "cache_hits": 0, "queue_ms": 0.0, "inference_ms": 0.0}
-        wait_s = admission_wait_s(self._pending_pairs, n, self._pairs_per_s)
+        cfg = self._cfg
+        step = max(1, min(cfg.max_pairs_per_batch, self.config.rerank_chunk_pairs))
+        ahead = fair_pairs_ahead(list(self._active.values()), n, step)
+        wait_s = admission_wait_s(ahead, n, self._pairs_per_s)
         if deadline_s is not None and wait_s is not None and wait_s > ADMIT_FRACTION * deadline_s:
+            self._stats["refused_overloaded"] += 1
             raise Overloaded(
                 f"the reranker is busy: this request would finish in about {wait_s:.1f}s "
-                f"({self._pending_pairs} pairs ahead at {self._pairs_per_s:.0f} pairs/s), later than "
+                f"({ahead} pairs ahead at {self._pairs_per_s:.0f} pairs/s), later than "
                 f"{ADMIT_FRACTION:.0%} of its {deadline_s:g}s deadline; retry later, or add Reranker "
                 "replicas",
                 retry_after_s=max(1.0, round(wait_s - deadline_s, 1)),
             )
-        cfg, now = self._cfg, time.perf_counter()
-        step = cfg.max_pairs_per_batch
-        items = [
-            _Item(query, tuple(texts[i : i + step]), cfg.max_batch_size, step, now) for i in range(0, n, step)
-        ]
-        self._pending_pairs += n
+        start = time.perf_counter()
+        expires_at = start + deadline_s if deadline_s is not None else None
+        rid, self._next_request = self._next_request, self._next_request + 1
+        self._active[rid] = n
+        self._stats["requests"] += 1
+        self._stats["pairs_requested"] += n
+        parts: list[_Part] = []
+        done = 0
         try:
-            await self._gate.wait()  # while a batch runs, gather here; released together they form one batch
-            parts = await asyncio.gather(*(self.score_batch(it) for it in items))
+            for i in range(0, n, step):
+                if expires_at is not None and time.perf_counter() >= expires_at:
+                    self._stats["expired"] += 1
+                    raise StageTimeout(
+                        f"the rerank request passed its {deadline_s:g}s deadline after {done} of {n} pairs; "
+                        "stopped (retry later, send fewer documents, or add Reranker replicas)",
+                        retry_after_s=1.0,
+                    )
+                await self._gate.wait()  # while a batch runs, gather here: released together, one batch
+                chunk = tuple(texts[i : i + step])
+                item = _Item(
+                    query, chunk, cfg.max_batch_size, cfg.max_pairs_per_batch, time.perf_counter(), expires_at
+                )
+                part = await self.score_batch(item)
+                if isinstance(part, BaseException):  # this request's own failure (see _run_batch)
+                    raise part
+                parts.append(part)
+                done += len(chunk)
+                self._active[rid] = n - done
+        except asyncio.CancelledError:  # the caller went away (client disconnect, the ingress's timeout)
+            self._stats["cancelled"] += 1
+            raise
         finally:
-            self._pending_pairs -= n
-        for part in parts:
-            if isinstance(part, BaseException):  # this request's own failure (see _run_batch)
-                raise part
+            del self._active[rid]
+            self._stats["pairs_dropped"] += n - done
         batches = {p.batch: p.batch_ms for p in parts}
         usage = {
             "pairs": n,
             "cache_hits": sum(p.cache_hits for p in parts),
-            "queue_ms": max(p.queue_ms for p in parts),
+            "queue_ms": sum(p.queue_ms for p in parts),
             "inference_ms": sum(batches.values()),
         }
         return [s for part in parts for s in part.scores], usage
@@ -289,6 +347,8 @@ class Reranker:
             "user_config": self._cfg.model_dump(),
             "max_concurrent_batches": MAX_CONCURRENT_BATCHES,
             "admit_fraction": ADMIT_FRACTION,
+            "chunk_pairs": c.rerank_chunk_pairs,
+            "max_request_tokens": c.rerank_max_request_tokens,
             "config": self.config.public(),
         }
 
@@ -296,9 +356,12 @@ class Reranker:
         return {**self._info, "enabled": self.reranker.enabled}
 
     def stats(self, reset: bool = False) -> dict[str, Any]:
-        """Batching stats of this replica (tests and debugging): batches, largest batch, recent sizes."""
+        """Batching stats of this replica (tests and debugging): batches, largest batch, recent sizes; pairs
+        requested, computed (``pairs``) and dropped (cancelled, expired); requests active now."""
         out = {
             **self._stats,
+            "active_requests": len(self._active),
+            "active_pairs": sum(self._active.values()),
             "recent_batches": [list(x) for x in self._recent],
             "user_config": self._cfg.model_dump(),
         }
@@ -319,7 +382,23 @@ class Reranker:
         if self._running >= MAX_CONCURRENT_BATCHES:
             self._gate.clear()
         try:
-            return await self._run_batch(items)
+            # Ray has dropped the items of cancelled requests; drop those past their deadline too, unscored
+            now = time.perf_counter()
+            out: list[_Part | BaseException | None] = [None] * len(items)
+            live = []
+            for k, it in enumerate(items):
+                if it.expires_at is not None and now >= it.expires_at:
+                    self._stats["expired_items"] += 1
+                    out[k] = StageTimeout(
+                        "the rerank request passed its deadline while queued; not scored (retry later)",
+                        retry_after_s=1.0,
+                    )
+                else:
+                    live.append(k)
+            if live:
+                for k, part in zip(live, await self._run_batch([items[k] for k in live]), strict=True):
+                    out[k] = part
+            return [p for p in out if p is not None]
         finally:
             self._running -= 1
             if self._running < MAX_CONCURRENT_BATCHES:
@@ -421,7 +500,15 @@ class Reranker:
         return {
             "batches": 0,
             "items": 0,
-            "pairs": 0,
+            "pairs": 0,  # pairs scored (computed or from the cache)
+            "requests": 0,
+            "pairs_requested": 0,
+            "pairs_dropped": 0,  # of requests cancelled, expired or failed: never scored
+            "cancelled": 0,
+            "expired": 0,
+            "expired_items": 0,
+            "refused_overloaded": 0,
+            "refused_cost": 0,
             "max_batch_requests": 0,
             "max_batch_pairs": 0,
             "last_batch_ms": None,

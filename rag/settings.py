@@ -167,6 +167,21 @@ class Settings(BaseSettings):
         ge=1,
         description="Windows scored per /search candidate (chunks): 1 = the first window (truncation).",
     )
+    # fair rerank capacity: a request's pairs go through the batch queue in chunks (a cancellation point each)
+    rerank_chunk_pairs: int = _f(
+        128,
+        "reranker",
+        ge=1,
+        description="Pairs one request contributes to a batch at most; larger requests take turns with "
+        "the others chunk by chunk, and stop between chunks when cancelled or past their deadline.",
+    )
+    rerank_max_request_tokens: int = _f(
+        1 << 20,
+        "reranker",
+        ge=1,
+        description="Rerank routes: most tokens (all of a request's (query, window) pairs, as the model "
+        "reads them) one request may cost; a larger request gets a 422 naming this cap.",
+    )
     rerank_cache: bool = _f(True, "reranker", description="Cache rerank scores in each Reranker replica.")
     rerank_cache_entries: int = _f(
         200_000, "reranker", ge=1, description="Score cache bound: entries per Reranker replica."

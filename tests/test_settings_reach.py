@@ -56,6 +56,8 @@ NON_DEFAULT: dict[str, Any] = {
     "rerank_max_tokens_per_doc": 2048,
     "rerank_window_overlap": 32,
     "rerank_search_windows": 2,
+    "rerank_chunk_pairs": 48,
+    "rerank_max_request_tokens": 500_000,
     "rerank_cache": False,
     "rerank_cache_entries": 5000,
     "rerank_cache_bytes": 8 << 20,
