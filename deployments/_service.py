@@ -482,6 +482,8 @@ class SearchService:
                 reason = str(r) if isinstance(r, RagError) else f"{type(r).__name__}: {r}"
                 if isinstance(r, StageTimeout):
                     reason = f"not ready (no answer within {t:g}s: still starting or overloaded)"
+                elif isinstance(r, StageUnavailable):
+                    reason = f"not ready ({r})"
                 out[name] = {"ready": False, "reason": reason}
             else:
                 out[name] = {"ready": True, **r}
