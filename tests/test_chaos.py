@@ -238,7 +238,8 @@ def figures(answers: list[Answer], fault_at: float) -> dict[str, Any]:
     Normal: a reranked 200 within ``SLOW_S``. The fault lasts (for callers) until the first normal answer
     started after it; a slower one waited for a timeout or for a new replica, which to its caller is the
     fault too. Slow answers that started later are a new replica warming up (``slow_after``)."""
-    after = sorted((a for a in answers if a.end > fault_at), key=lambda a: a.start)
+    # requests in flight at the fault (started within a second before it) and all later ones
+    after = sorted((a for a in answers if a.end > fault_at and a.start > fault_at - 1), key=lambda a: a.start)
 
     def normal(a: Answer) -> bool:
         return a.kind == "reranked" and a.seconds < SLOW_S
@@ -317,9 +318,12 @@ def test_reranker_kill_answers_dense_order_at_once(app_url):
     assert_no_bugs(answers)
     assert all(a.status == 200 for a in answers), fig  # dense order, never an error
     degraded = [a for a in answers if a.kind != "reranked"]
-    assert all(a.kind == "dense:reranker_error" for a in degraded), fig
-    # at most the requests in flight at the kill wait; the rest answer dense order at once
-    assert fig["slow"] <= IN_FLIGHT, fig
+    assert degraded and all(a.kind == "dense:reranker_error" for a in degraded), fig
+    # nobody waits for the new replica (~20 s here) or the rerank timeout (30 s): once the breaker is open
+    # (Ray's ActorDiedError, or Serve's controller: no live replica), dense order comes at once
+    fast = [a for a in degraded if a.seconds < 1.0]
+    assert len(fast) >= len(degraded) / 2, fig
+    assert fig["slowest_s"] < 25, fig
 
 
 @pytest.mark.parametrize("deployment", ["Embedder", "Retriever"])
@@ -327,8 +331,11 @@ def test_stage1_kill_is_503_at_once(app_url, deployment):
     answers, fig = kill_replica_under_load(app_url, deployment, f"{deployment.lower()}_kill")
     assert_no_bugs(answers)
     failed = [a for a in answers if a.status != 200]
-    assert all(a.kind in ("503:unavailable", "503:timeout") for a in failed), fig
-    assert fig["slow"] <= IN_FLIGHT, fig
+    # no 10 s timeouts: a request pending when the replica dies fails once Serve's controller sees it gone
+    # (seconds; it lags on a busy machine), the later ones at once, until the new replica answers ready()
+    assert failed and all(a.kind == "503:unavailable" for a in failed), fig
+    assert any(a.seconds < 1.0 for a in failed), fig
+    assert fig["slowest_s"] < 10, fig  # embed_timeout_s / retrieve_timeout_s
 
 
 # --------------------------------------------------------------------------------------------------
