@@ -217,8 +217,10 @@ class SearchService:
         async with self._running_lock:
             if time.monotonic() - self._running_at > STATUS_MAX_AGE_S:
                 try:
-                    self._running = await asyncio.to_thread(_running_replicas)
-                except Exception as e:  # the controller is busy or restarting: no verdict
+                    self._running = await asyncio.wait_for(
+                        asyncio.to_thread(_running_replicas), self.config.ready_timeout_s
+                    )
+                except Exception as e:  # the controller is busy or restarting (or slow): no verdict
                     log.warning("could not ask Serve's controller for replica states: %s", e)
                     return False
                 self._running_at = time.monotonic()
