@@ -5,6 +5,16 @@ only performs its stage calls through DeploymentHandles. Every handle call goes 
 ``SearchService.call``: it has a timeout, cancels the request when the timeout fires, and turns Ray's own
 failures (queue full, replica gone, timeout) into ``rag.errors`` types that the ingress's one error table
 maps to HTTP statuses. Kept apart from the FastAPI routes so it can be driven with fake handles in tests.
+
+Each stage has a ``Breaker``: a failure that says the stage has no live replica (Ray's actor-died and
+unavailable errors; for embed and retrieve also a timeout; for retrieve a database that cannot be reached)
+opens it, and while it is open calls to that stage fail at once (``StageUnavailable``, or the database's own
+``StoreUnavailable``) instead of queueing in Serve's router until a new replica is up. The policy hears
+that as any other rerank failure (dense order, ``reason="reranker_error"``); embed and retrieve answer 503 +
+Retry-After. A background probe (the stage's ``ready()``, every ``PROBE_EVERY_S``) closes it again.
+Serve's router does not fail a request while a deployment has no replica, it holds it until a new one is up,
+so a call still pending asks the controller every ``SUSPECT_AFTER_S`` (``serve.status``, shared for
+``STATUS_MAX_AGE_S``); no live replica opens the breaker and fails that call too.
 """
 
 from __future__ import annotations
@@ -15,12 +25,20 @@ import math
 import platform
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
-from rag.errors import InvalidInput, Overloaded, RagError, StageTimeout, StageUnavailable
+from rag.errors import (
+    InvalidInput,
+    Overloaded,
+    RagError,
+    StageTimeout,
+    StageUnavailable,
+    StoreUnavailable,
+)
 from rag.search import (
     Dense,
     Embed,
@@ -37,12 +55,16 @@ from rag.search import (
 from rag.settings import SearchConfig
 from rag.validation import validate_documents, validate_query, validate_texts
 
-__all__ = ["SKIP_REASONS_COUNTED", "SearchService", "as_rag_error", "logit"]
+__all__ = ["SKIP_REASONS_COUNTED", "Breaker", "SearchService", "as_rag_error", "logit"]
 
 log = logging.getLogger("ray.serve")
 
 SKIP_REASONS_COUNTED = ("budget", "overloaded", "reranker_error", "disabled")
 UNKNOWN_RERANKER = {"model": None, "backend": None, "device": None, "dtype": None, "trained": None}
+PROBE_EVERY_S = 1.0  # an open breaker asks its stage's ready() this often
+SUSPECT_AFTER_S = 1.0  # a call pending this long asks Serve's controller whether its stage has a replica
+STATUS_MAX_AGE_S = 0.5  # the controller's answer is shared by the calls within this long
+LIVE_STATES = ("RUNNING", "UPDATING", "PENDING_MIGRATION")  # replicas that serve (UPDATING: user_config)
 
 
 def as_rag_error(stage: str, err: BaseException, timeout_s: float) -> BaseException:
@@ -78,6 +100,63 @@ def as_rag_error(stage: str, err: BaseException, timeout_s: float) -> BaseExcept
     return err  # a bug: the error table answers 500
 
 
+def looks_dead(stage: str, cause: BaseException, err: BaseException) -> bool:
+    """Does this failure say that ``stage`` has no live replica (or, for retrieve, no database)?
+
+    ``cause`` is what the handle raised, ``err`` its rag.errors translation. A cancelled request (the
+    caller hung up) or a full queue is no such sign; a timeout is one for embed and retrieve only (a busy
+    reranker times out too, and that degrades request by request)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    if isinstance(cause, RayActorError | DeploymentUnavailableError | ReplicaUnavailableError):
+        return True
+    if stage == "retrieve" and isinstance(err, StoreUnavailable):
+        return True
+    return stage != "rerank" and isinstance(err, StageTimeout)
+
+
+@dataclass
+class Breaker:
+    """One stage's circuit breaker (see the module docstring). Open: ``error`` says why."""
+
+    stage: str
+    error: RagError | None = None
+    opened_at: float = 0.0
+    probe: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def is_open(self) -> bool:
+        return self.error is not None
+
+    def open(self, err: BaseException) -> None:
+        if not self.is_open:
+            self.opened_at = time.monotonic()
+            log.warning("%s stage: circuit open (%s)", self.stage, err)
+        self.error = (
+            err
+            if isinstance(err, StoreUnavailable)
+            else StageUnavailable(
+                f"the {self.stage} stage has no live replica ({type(err).__name__}: {err}); "
+                f"retrying every {PROBE_EVERY_S:g}s",
+                retry_after_s=PROBE_EVERY_S,
+            )
+        )
+
+    def close(self) -> None:
+        if self.is_open:
+            log.warning("%s stage: circuit closed after %.1fs", self.stage, time.monotonic() - self.opened_at)
+        self.error = None
+
+    def refusal(self) -> RagError:
+        """The error a call gets at once while the breaker is open (a fresh one: it is raised again)."""
+        err = self.error
+        assert err is not None
+        if isinstance(err, StoreUnavailable):
+            return StoreUnavailable(str(err))
+        return StageUnavailable(str(err), retry_after_s=PROBE_EVERY_S)
+
+
 class SearchService:
     """The ingress's logic over three DeploymentHandles (or fakes with the same methods)."""
 
@@ -94,6 +173,82 @@ class SearchService:
         self._reranker_info: dict[str, Any] | None = None
         self._embedder_info: dict[str, Any] | None = None
         self._reranker_info_at = 0.0
+        self.breakers = {stage: Breaker(stage) for stage in ("embed", "retrieve", "rerank")}
+        self._running: dict[tuple[str, str], int] = {}
+        self._running_at = 0.0
+        self._running_lock = asyncio.Lock()
+
+    # -- circuit breakers --------------------------------------------------------------------------
+    def _probe_target(self, stage: str) -> DeploymentHandle:
+        return {"embed": self.embedder, "retrieve": self.retriever, "rerank": self.reranker}[stage]
+
+    def _trip(self, stage: str, err: BaseException) -> None:
+        b = self.breakers.get(stage)
+        if b is None:
+            return
+        b.open(err)
+        if b.probe is None or b.probe.done():
+            b.probe = asyncio.get_running_loop().create_task(self._probe(b))
+
+    async def _probe(self, b: Breaker) -> None:
+        """Until the stage's ready() answers: then close the breaker."""
+        handle, t = self._probe_target(b.stage), self.config.ready_timeout_s
+        while b.is_open:
+            await asyncio.sleep(PROBE_EVERY_S)
+            response: Any = None
+            try:
+                response = handle.ready.remote()
+                await asyncio.wait_for(_awaited(response), t)
+            except Exception as e:
+                if isinstance(e, asyncio.TimeoutError | TimeoutError) and hasattr(response, "cancel"):
+                    response.cancel()
+                err = as_rag_error(b.stage, e, t)
+                if isinstance(err, StoreUnavailable):  # the database's own words: "unreachable ..."
+                    b.open(err)
+                continue
+            b.close()
+
+    async def _no_live_replica(self, stage: str) -> bool:
+        """True only when Serve's controller says the stage's deployment has no live replica."""
+        handle = self._probe_target(stage)
+        key = (getattr(handle, "app_name", None), getattr(handle, "deployment_name", None))
+        if not all(isinstance(k, str) for k in key):  # a fake handle (tests): nothing to ask
+            return False
+        async with self._running_lock:
+            if time.monotonic() - self._running_at > STATUS_MAX_AGE_S:
+                try:
+                    self._running = await asyncio.wait_for(
+                        asyncio.to_thread(_running_replicas), self.config.ready_timeout_s
+                    )
+                except Exception as e:  # the controller is busy or restarting (or slow): no verdict
+                    log.warning("could not ask Serve's controller for replica states: %s", e)
+                    return False
+                self._running_at = time.monotonic()
+        return self._running.get(key, 1) == 0  # type: ignore[arg-type]
+
+    async def _watched(self, stage: str, response: Any, timeout_s: float) -> Any:
+        """``await response`` within ``timeout_s``; fail at once if the stage turns out to have no replica."""
+        task = asyncio.ensure_future(_awaited(response))
+        try:
+            deadline = time.monotonic() + timeout_s
+            # every SUSPECT_AFTER_S while pending: the controller may take a few seconds to see a death
+            while stage in self.breakers and deadline - time.monotonic() > SUSPECT_AFTER_S:
+                done, _ = await asyncio.wait({task}, timeout=SUSPECT_AFTER_S)
+                if done:
+                    break
+                if await self._no_live_replica(stage):
+                    if hasattr(response, "cancel"):
+                        response.cancel()
+                    err = StageUnavailable(
+                        f"the {stage} stage has no running replica (Serve is starting one): retry later",
+                        retry_after_s=PROBE_EVERY_S,
+                    )
+                    self._trip(stage, err)
+                    raise err
+            return await asyncio.wait_for(task, max(0.0, deadline - time.monotonic()))
+        finally:
+            if not task.done():
+                task.cancel()
 
     # -- handle calls ------------------------------------------------------------------------------
     async def call(
@@ -107,16 +262,26 @@ class SearchService:
     ) -> Any:
         """Await a handle call with a timeout (cancelling it when the timeout fires); errors as rag.errors."""
 
-        async def resolve() -> Any:
-            return await response
-
+        breaker = self.breakers.get(stage)
+        if breaker is not None and breaker.is_open:  # no live replica: fail now, not after the timeout
+            if hasattr(response, "cancel"):
+                response.cancel()
+            refusal = breaker.refusal()
+            if count_errors:
+                metrics.get("rag_errors_total").inc(tags={"stage": stage, "error_type": refusal.error_type})
+            refusal.rag_stage = stage  # type: ignore[attr-defined]
+            raise refusal
         try:
-            return await asyncio.wait_for(resolve(), timeout_s)
+            return await self._watched(stage, response, timeout_s)
         except Exception as e:
             if isinstance(e, asyncio.TimeoutError | TimeoutError) and hasattr(response, "cancel"):
                 response.cancel()
             err = as_rag_error(stage, e, timeout_s)
             err.rag_stage = stage  # type: ignore[union-attr]
+            # ready()/info() time out sooner than traffic does (count_errors=False): no sign of death
+            traffic = count_errors and timeout_is_error
+            if looks_dead(stage, e, err) and (traffic or not isinstance(err, StageTimeout)):
+                self._trip(stage, err)
             if count_errors and (timeout_is_error or not isinstance(err, StageTimeout)):
                 metrics.get("rag_errors_total").inc(
                     tags={"stage": stage, "error_type": getattr(err, "error_type", type(err).__name__)}
@@ -319,10 +484,28 @@ class SearchService:
                 reason = str(r) if isinstance(r, RagError) else f"{type(r).__name__}: {r}"
                 if isinstance(r, StageTimeout):
                     reason = f"not ready (no answer within {t:g}s: still starting or overloaded)"
+                elif isinstance(r, StageUnavailable):
+                    reason = f"not ready ({r})"
                 out[name] = {"ready": False, "reason": reason}
             else:
                 out[name] = {"ready": True, **r}
         return ok, out
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def _running_replicas() -> dict[tuple[str, str], int]:
+    """(app, deployment) -> live replicas (``LIVE_STATES``), from Serve's controller (blocking: a thread)."""
+    from ray import serve
+
+    out: dict[tuple[str, str], int] = {}
+    for app_name, app in serve.status().applications.items():
+        for name, dep in app.deployments.items():
+            states = {getattr(k, "value", k): v for k, v in (dep.replica_states or {}).items()}
+            out[(app_name, name)] = sum(int(states.get(k, 0)) for k in LIVE_STATES)
+    return out
 
 
 def _versions() -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
 The pool is opened at start-up. If the database is down then, the replica still starts (so ``/readyz`` can say
 why it is not ready) and every call retries opening a fresh pool, failing fast with ``StoreUnavailable``.
+
+Once a call found the database unreachable, the next calls first try one direct connection (a stopped server
+refuses it at once) rather than each waiting the pool's whole timeout for a connection it cannot make; the
+first that connects drops the pool's broken connections and lets traffic through again.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ _GAUGES = {
 
 @serve.deployment(name="Retriever", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class Retriever:
+    _down = False  # the last call found the database unreachable (see the module docstring)
+
     async def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._store: AsyncStore | None = None
@@ -61,6 +67,8 @@ class Retriever:
                 c: Any = self.config
                 store = AsyncStore(c.database_url, **c.store_kwargs())
                 try:
+                    if self._last_error is not None:  # it was down: a refused connect fails at once
+                        await store.check_reachable()
                     await store.open()  # a pool that failed to open is closed for good: make a new one
                 except BaseException as e:  # incl. a caller's timeout: the half-open pool's tasks must go
                     with contextlib.suppress(Exception):
@@ -76,13 +84,24 @@ class Retriever:
         self, collection: str, vector: np.ndarray, k: int, filter: Any = None
     ) -> list[dict[str, Any]]:
         """The ``k`` nearest chunks of ``collection`` (under ``filter``), best first, with ``dense_score``."""
-        store = await self._get_store()
         try:
+            store = await self._store_up()
             if filter is None:
                 return await store.search(collection, vector, k)
             return await store.search(collection, vector, k, filter=filter)
+        except StoreUnavailable as e:
+            self._down = True
+            raise _unreachable(e) from e
         finally:
             self._record_pool()
+
+    async def _store_up(self) -> AsyncStore:
+        """The store, once the database answers (see the module docstring)."""
+        store = await self._get_store()
+        if self._down:
+            await store.check_reachable()
+            self._down = False
+        return store
 
     async def info(self) -> dict[str, Any]:
         """The configuration this replica holds and the database it talks to (GET /info; no secrets)."""
@@ -105,12 +124,15 @@ class Retriever:
         t0 = time.perf_counter()
 
         async def ping() -> AsyncStore:
-            store = await self._get_store()
+            store = await self._store_up()
             await store.ping()
             return store
 
         try:
             store = await asyncio.wait_for(ping(), READY_PING_S)
+        except StoreUnavailable as e:
+            self._down = True
+            raise _unreachable(e) from e
         except TimeoutError as e:
             raise StoreUnavailable(
                 f"database unreachable: PostgreSQL did not answer within {READY_PING_S:g}s "
@@ -148,3 +170,9 @@ class Retriever:
         except RuntimeError:  # garbage collection outside an event loop: the process is going away
             return None
         return store.close()
+
+
+def _unreachable(err: StoreUnavailable) -> StoreUnavailable:
+    """``err`` as the ingress and /readyz show it: it starts with "database unreachable"."""
+    msg = str(err)
+    return err if msg.startswith("database unreachable") else StoreUnavailable(f"database unreachable: {msg}")

@@ -6,6 +6,7 @@ on owned collections and attached tables alike.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -70,6 +71,20 @@ class AsyncStore:
     async def close(self, timeout_s: float = 5.0) -> None:
         """Close the pool, waiting at most ``timeout_s`` for its workers (0.1: a pool that never opened)."""
         await self.pool.close(timeout=timeout_s)
+
+    async def check_reachable(self, timeout_s: float = 1.0) -> None:
+        """Connect once, outside the pool: a stopped server refuses at once, where a pool request waits its
+        whole ``timeout_s`` for a connection the pool cannot make. Then drop the pool's broken connections
+        (a restarted server closed them). Raises ``StoreUnavailable``."""
+        try:
+            conn = await asyncio.wait_for(
+                psycopg.AsyncConnection.connect(self.url, connect_timeout=max(1, int(timeout_s))), timeout_s
+            )
+        except (psycopg.OperationalError, TimeoutError) as e:
+            raise unavailable(self.url, e) from e
+        await conn.close()
+        if not self.pool.closed:
+            await self.pool.check()
 
     def stats(self) -> dict[str, int]:
         return dict(self.pool.get_stats())
