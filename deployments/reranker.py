@@ -426,3 +426,9 @@ class Reranker:
             "max_batch_pairs": 0,
             "last_batch_ms": None,
         }
+
+    # -- autoscaling -------------------------------------------------------------------------------
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve calls this on the replica (Ray 2.60 custom metrics): the pairs admitted and not
+        finished, what ``deployments.autoscaling.PendingPairsPolicy`` scales on (``PENDING_PAIRS``)."""
+        return {"pending_pairs": float(self._pending_pairs)}
