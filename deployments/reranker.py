@@ -41,6 +41,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments._args import RerankerUserConfig
+from deployments.autoscaling import PENDING_PAIRS
 from rag.errors import InvalidInput, Overloaded, RerankerError
 from rag.longdoc import Plan, windower_for
 from rag.rerank import make_reranker
@@ -431,4 +432,4 @@ class Reranker:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve calls this on the replica (Ray 2.60 custom metrics): the pairs admitted and not
         finished, what ``deployments.autoscaling.PendingPairsPolicy`` scales on (``PENDING_PAIRS``)."""
-        return {"pending_pairs": float(self._pending_pairs)}
+        return {PENDING_PAIRS: float(self._pending_pairs)}
