@@ -52,6 +52,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments._args import RerankerUserConfig
+from deployments.autoscaling import PENDING_PAIRS
 from rag.errors import InvalidInput, Overloaded, RerankerError, StageTimeout
 from rag.longdoc import Plan, windower_for
 from rag.rerank import make_reranker
@@ -513,3 +514,9 @@ class Reranker:
             "max_batch_pairs": 0,
             "last_batch_ms": None,
         }
+
+    # -- autoscaling -------------------------------------------------------------------------------
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve calls this on the replica (Ray 2.60 custom metrics): the pairs admitted and not yet
+        scored, what ``deployments.autoscaling.PendingPairsPolicy`` scales on (``PENDING_PAIRS``)."""
+        return {PENDING_PAIRS: float(sum(self._active.values()))}
