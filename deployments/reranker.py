@@ -504,7 +504,7 @@ class Reranker:
             "pairs": 0,  # pairs scored (computed or from the cache)
             "requests": 0,
             "pairs_requested": 0,
-            "pairs_dropped": 0,  # of requests cancelled, expired or failed: never scored
+            "pairs_dropped": 0,  # of stopped requests: not delivered (the in-flight chunk may be scored)
             "cancelled": 0,
             "expired": 0,
             "expired_items": 0,

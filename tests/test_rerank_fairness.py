@@ -140,7 +140,8 @@ def test_a_cancelled_request_stops_at_the_next_chunk(rr: Any) -> None:
     st = rr.run(scenario())
     assert st["cancelled"] == 1 and st["active_requests"] == 0
     assert st["pairs"] <= 3 * CHUNK < len(docs), st
-    assert st["pairs_dropped"] == len(docs) - st["pairs"]
+    # Not delivered: never scored, or (the chunk in the model at the cancel) scored for a caller that had gone.
+    assert len(docs) - st["pairs"] <= st["pairs_dropped"] <= len(docs) - st["pairs"] + CHUNK, st
 
 
 def test_a_request_past_its_deadline_stops(rr: Any) -> None:
