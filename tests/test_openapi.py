@@ -13,6 +13,7 @@ content type), no schema-valid request rejected, a 405 with `Allow` for undeclar
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -142,6 +143,22 @@ ST_CHECKS = [
     unsupported_method,
 ]
 LIMITS = {"max_query_chars": 512, "max_documents": 16, "max_embed_inputs": 8, "max_fetch_k": 64}
+# fetch_k = max_fetch_k: then any top_k the schema allows (<= max_fetch_k) is <= the default fetch_k
+APP_ARGS = {"rerank_threads": 1, "fetch_k": 64, "top_k": 4, "rerank_timeout_s": 60, **LIMITS}
+
+
+def _live_search_config() -> SearchConfig:
+    """The SearchConfig the live app below runs with (build_app's: AppArgs of its Serve config's args)."""
+    from deployments._args import AppArgs
+
+    cfg = cpu_app_config("postgresql://spec@127.0.0.1/spec", Path("."), "default", **APP_ARGS)
+    return AppArgs.model_validate(cfg["applications"][0]["args"]).slice("search")
+
+
+# The spec is built here, at collection, from the live app's configuration (schemathesis's lazy
+# `from_fixture` needs pytest < 9); test_the_live_app_serves_this_spec checks the live app serves exactly it.
+LIVE_SPEC = create_app(SearchService(None, None, None, _live_search_config())).openapi()  # type: ignore[arg-type]
+schema = schemathesis.openapi.from_dict(LIVE_SPEC, config=SchemathesisConfig.from_dict(ST_CONFIG))
 
 
 @pytest.fixture(scope="module")
@@ -156,34 +173,25 @@ def st_collection(store, embedder):
 
 
 @pytest.fixture(scope="module")
-def live_spec(db_url, state_dir, st_collection):
-    """A live app (small limits, so the examples reach them) and the schemathesis schema of its spec."""
+def live_url(db_url, state_dir, st_collection) -> str:
+    """A live app with small limits (so the examples reach them); its base URL."""
     from deployments.launch import deploy
 
     with ray_cluster("rag-openapi-tests"):
         port = free_port()
-        # fetch_k = max_fetch_k: a top_k the schema allows (<= max_fetch_k) is <= the default fetch_k
-        cfg = cpu_app_config(
-            db_url,
-            state_dir,
-            st_collection,
-            rerank_threads=1,
-            fetch_k=64,
-            top_k=4,
-            rerank_timeout_s=60,
-            **LIMITS,
-        )
-        deploy(cfg, host="127.0.0.1", port=port, timeout_s=600)
+        deploy(cpu_app_config(db_url, state_dir, st_collection, **APP_ARGS), host="127.0.0.1", port=port,
+               timeout_s=600)  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
-        spec = schemathesis.openapi.from_url(
-            url + "/openapi.json", config=SchemathesisConfig.from_dict(ST_CONFIG)
-        )
-        spec.hook(map_body)
-        yield spec
+        yield url
 
 
-schema = schemathesis.pytest.from_fixture("live_spec")
+@pytest.mark.serve
+def test_the_live_app_serves_this_spec(live_url):
+    import httpx
+
+    served = httpx.get(live_url + "/openapi.json", timeout=30).json()
+    assert served == LIVE_SPEC, "the live app's /openapi.json is not the spec schemathesis tests below"
 
 
 def map_body(ctx: Any, body: Any) -> Any:
@@ -208,7 +216,10 @@ def map_body(ctx: Any, body: Any) -> Any:
     return body
 
 
+schema.hook(map_body)
+
+
 @pytest.mark.serve
 @schema.parametrize()
-def test_live_app_conforms_to_its_openapi_spec(case):
-    case.call_and_validate(checks=ST_CHECKS, timeout=120)
+def test_live_app_conforms_to_its_openapi_spec(case, live_url):
+    case.call_and_validate(base_url=live_url, checks=ST_CHECKS, timeout=120)
