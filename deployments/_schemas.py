@@ -6,9 +6,19 @@ Types are checked by pydantic (a non-string document is a 422); ranges that depe
 come from the same SearchConfig the service validates with).
 """
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
 __all__ = [
     "QUERY_PATTERN",
@@ -32,6 +42,19 @@ __all__ = [
 ]
 
 
+def _whole(value: int | float) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+# JSON Schema's "integer" is any number with no fractional part (4.0 included), so that is what is accepted:
+# an int, or a float equal to one; never a string or a boolean.
+Integer = Annotated[StrictInt | StrictFloat, AfterValidator(_whole), WithJsonSchema({"type": "integer"})]
+
+
 class ErrorBody(BaseModel):
     error: str = Field(description="What went wrong and what to change.")
     error_type: str = Field(
@@ -43,8 +66,8 @@ class ErrorBody(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: StrictStr = Field(description="Natural-language query.", examples=["how do I parse a date?"])
-    fetch_k: StrictInt | None = Field(None, description="Stage-1 candidates (default: the service's, 100).")
-    top_k: StrictInt | None = Field(None, description="Results returned (default: the service's, 8).")
+    fetch_k: Integer | None = Field(None, description="Stage-1 candidates (default: the service's, 100).")
+    top_k: Integer | None = Field(None, description="Results returned (default: the service's, 8).")
     rerank: StrictBool = Field(True, description="Run stage 2 (cross-encoder).")
     budget_ms: StrictFloat | StrictInt | None = Field(
         None, gt=0, description="Latency budget; reranking is skipped when it cannot fit (reason 'budget')."
@@ -118,8 +141,8 @@ class CohereRerankRequest(BaseModel):
     model: StrictStr | None = Field(None, description="Accepted for compatibility; the served model is used.")
     query: StrictStr
     documents: list[DocumentIn] = Field(description=_DOCS)
-    top_n: StrictInt | None = Field(None, description="Results to return (default: all).")
-    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
+    top_n: Integer | None = Field(None, description="Results to return (default: all).")
+    max_tokens_per_doc: Integer | None = Field(None, description=_MAX_TOKENS)
     return_documents: StrictBool = Field(False, description="Return each result's text as `document.text`.")
 
 
@@ -131,14 +154,14 @@ class CohereV1RerankRequest(BaseModel):
     model: StrictStr | None = None
     query: StrictStr
     documents: list[DocumentIn] = Field(description=_DOCS)
-    top_n: StrictInt | None = None
+    top_n: Integer | None = None
     return_documents: StrictBool | None = Field(
         None,
         description="Return the texts. Unset: true when `model` is a Jina model (Jina's default), else "
         "false (Cohere v1's default).",
     )
     rank_fields: list[StrictStr] | None = None
-    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
+    max_tokens_per_doc: Integer | None = Field(None, description=_MAX_TOKENS)
 
 
 class RerankDocumentOut(BaseModel):
@@ -194,7 +217,7 @@ class TEIRerankRequest(BaseModel):
         "true = only its first window is scored. Unset: long texts are split into windows.",
     )
     truncation_direction: Literal["Left", "Right", "left", "right"] | None = None
-    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
+    max_tokens_per_doc: Integer | None = Field(None, description=_MAX_TOKENS)
 
 
 class TEIRank(BaseModel):
@@ -222,7 +245,7 @@ class OpenAIEmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: little-endian float32 bytes, as OpenAI sends them."
     )
-    dimensions: StrictInt | None = Field(None, description="Must be the model's dimension when given.")
+    dimensions: Integer | None = Field(None, description="Must be the model's dimension when given.")
     user: StrictStr | None = None
 
 
@@ -282,13 +305,12 @@ def request_limits(config: Any) -> dict[str, dict[str, Keywords]]:
     documents = {
         "array": {"minItems": 1, "maxItems": docs_n},
         "string": {"pattern": TEXT_PATTERN},
-        # Cohere v2: {text, id?}; v1's rank_fields may name another text field, so there `text` is optional
-        "object": {"properties": {"text": text, "id": doc_id}},
+        # {text, id?}; Cohere v1's rank_fields may name another field than text (the service reads that one)
+        "object": {"properties": {"text": text, "id": doc_id}, "required": ["text"]},
     }
     top_n = {"integer": {"minimum": 1, "maximum": docs_n}}
     max_tokens = {"integer": {"minimum": 1, "maximum": config.rerank_max_tokens_per_doc}}
     inputs = {"array": {"minItems": 1, "maxItems": config.max_embed_inputs}, **query}
-    v2_documents = {**documents, "object": {**documents["object"], "required": ["text"]}}
     return {
         "SearchRequest": {
             "query": query,
@@ -300,7 +322,7 @@ def request_limits(config: Any) -> dict[str, dict[str, Keywords]]:
         },
         "CohereRerankRequest": {
             "query": query,
-            "documents": v2_documents,
+            "documents": documents,
             "top_n": top_n,
             "max_tokens_per_doc": max_tokens,
         },
