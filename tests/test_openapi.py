@@ -204,11 +204,9 @@ def state_rules(body: Any) -> None:
         return
     if body.get("collection") is not None:
         body["collection"] = None
-    if (
-        isinstance(body.get("fetch_k"), int | float) and "query" in body
-    ):  # /search: top_k unset is the default
-        top_k = body.get("top_k")
-        body["top_k"] = min(APP_ARGS["top_k"] if top_k is None else top_k, body["fetch_k"])
+    top_k, fetch_k = body.get("top_k"), body.get("fetch_k")
+    if "query" in body and isinstance(fetch_k, int | float) and isinstance(top_k, int | float | None):
+        body["top_k"] = min(APP_ARGS["top_k"] if top_k is None else top_k, fetch_k)  # unset: the default
     if body.get("dimensions") is not None:
         body["dimensions"] = None
     docs = body.get("documents")
