@@ -301,7 +301,7 @@ def request_limits(config: Any) -> dict[str, dict[str, Keywords]]:
     k = {"integer": {"minimum": 1, "maximum": config.max_fetch_k}}
     docs_n = config.documents_limit
     text = {"type": "string", "pattern": TEXT_PATTERN}
-    doc_id = {"anyOf": [{"type": "string"}, {"type": "integer"}], "description": "Unique within a request."}
+    doc_id = {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}], "description": "Unique."}
     documents = {
         "array": {"minItems": 1, "maxItems": docs_n},
         "string": {"pattern": TEXT_PATTERN},
