@@ -2,13 +2,27 @@
 
 Types are checked by pydantic (a non-string document is a 422); ranges that depend on configuration
 (fetch_k <= max_fetch_k, top_k <= fetch_k, number of documents) are checked by the service, also as 422s.
+``apply_limits`` writes those configured ranges into the OpenAPI document (``request_limits``: the values
+come from the same SearchConfig the service validates with).
 """
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
 __all__ = [
+    "QUERY_PATTERN",
+    "TEXT_PATTERN",
     "CohereRerankRequest",
     "CohereRerankResponse",
     "CohereV1RerankRequest",
@@ -23,7 +37,22 @@ __all__ = [
     "TEIRank",
     "TEIRerankRequest",
     "V1RerankResponse",
+    "apply_limits",
+    "request_limits",
 ]
+
+
+def _whole(value: int | float) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+# JSON Schema's "integer" is any number with no fractional part (4.0 included), so that is what is accepted:
+# an int, or a float equal to one; never a string or a boolean.
+Integer = Annotated[StrictInt | StrictFloat, AfterValidator(_whole), WithJsonSchema({"type": "integer"})]
 
 
 class ErrorBody(BaseModel):
@@ -37,8 +66,8 @@ class ErrorBody(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: StrictStr = Field(description="Natural-language query.", examples=["how do I parse a date?"])
-    fetch_k: StrictInt | None = Field(None, description="Stage-1 candidates (default: the service's, 100).")
-    top_k: StrictInt | None = Field(None, description="Results returned (default: the service's, 8).")
+    fetch_k: Integer | None = Field(None, description="Stage-1 candidates (default: the service's, 100).")
+    top_k: Integer | None = Field(None, description="Results returned (default: the service's, 8).")
     rerank: StrictBool = Field(True, description="Run stage 2 (cross-encoder).")
     budget_ms: StrictFloat | StrictInt | None = Field(
         None, gt=0, description="Latency budget; reranking is skipped when it cannot fit (reason 'budget')."
@@ -112,8 +141,8 @@ class CohereRerankRequest(BaseModel):
     model: StrictStr | None = Field(None, description="Accepted for compatibility; the served model is used.")
     query: StrictStr
     documents: list[DocumentIn] = Field(description=_DOCS)
-    top_n: StrictInt | None = Field(None, description="Results to return (default: all).")
-    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
+    top_n: Integer | None = Field(None, description="Results to return (default: all).")
+    max_tokens_per_doc: Integer | None = Field(None, description=_MAX_TOKENS)
     return_documents: StrictBool = Field(False, description="Return each result's text as `document.text`.")
 
 
@@ -125,14 +154,14 @@ class CohereV1RerankRequest(BaseModel):
     model: StrictStr | None = None
     query: StrictStr
     documents: list[DocumentIn] = Field(description=_DOCS)
-    top_n: StrictInt | None = None
+    top_n: Integer | None = None
     return_documents: StrictBool | None = Field(
         None,
         description="Return the texts. Unset: true when `model` is a Jina model (Jina's default), else "
         "false (Cohere v1's default).",
     )
     rank_fields: list[StrictStr] | None = None
-    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
+    max_tokens_per_doc: Integer | None = Field(None, description=_MAX_TOKENS)
 
 
 class RerankDocumentOut(BaseModel):
@@ -188,7 +217,7 @@ class TEIRerankRequest(BaseModel):
         "true = only its first window is scored. Unset: long texts are split into windows.",
     )
     truncation_direction: Literal["Left", "Right", "left", "right"] | None = None
-    max_tokens_per_doc: StrictInt | None = Field(None, description=_MAX_TOKENS)
+    max_tokens_per_doc: Integer | None = Field(None, description=_MAX_TOKENS)
 
 
 class TEIRank(BaseModel):
@@ -216,7 +245,7 @@ class OpenAIEmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: little-endian float32 bytes, as OpenAI sends them."
     )
-    dimensions: StrictInt | None = Field(None, description="Must be the model's dimension when given.")
+    dimensions: Integer | None = Field(None, description="Must be the model's dimension when given.")
     user: StrictStr | None = None
 
 
@@ -231,3 +260,105 @@ class OpenAIEmbeddingsResponse(BaseModel):
     data: list[OpenAIEmbedding]
     model: str
     usage: dict[str, int] = Field(description="prompt_tokens and total_tokens (the embedder's tokenizer).")
+
+
+# -- limits: the request constraints that come from configuration, as JSON Schema -------------------------
+# rag/validation.py enforces these limits (its 422s name the setting); the functions below state the same
+# config values in the OpenAPI schema, so a client (or schemathesis) reads them from /openapi.json. One rule,
+# two readers: nothing here is a number of its own.
+TEXT_PATTERN = r"^[^\x00]*$"  # no NUL (lone surrogates are not valid UTF-8, so never valid JSON text here)
+QUERY_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # ... and not blank
+Keywords = dict[str, dict[str, Any]]  # JSON type ("string", "array", "integer") -> keywords for it
+
+
+def _filter_schema() -> dict[str, Any]:
+    """The filter grammar of rag/store/filters.py (parse_filter enforces it) as JSON Schema."""
+    from rag.store.filters import MAX_IN_VALUES, MAX_VALUE_CHARS
+
+    text = {"type": "string", "maxLength": MAX_VALUE_CHARS, "pattern": TEXT_PATTERN}
+    values = {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_IN_VALUES}
+
+    def op(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+        one = {"properties": {name: schema}, "required": [name], "additionalProperties": False}
+        return {"type": "object", **one}
+
+    return {
+        "type": "object",
+        "properties": {
+            "source": {"anyOf": [text, op("in", values), op("prefix", text)]},
+            "doc_id": {"anyOf": [text, op("in", values)]},
+            "metadata": {"type": "object", "description": "Contained in the chunk's metadata (jsonb @>)."},
+        },
+        "additionalProperties": False,
+    }
+
+
+def request_limits(config: Any) -> dict[str, dict[str, Keywords]]:
+    """Request model -> field -> JSON type -> the JSON Schema keywords ``config`` (a SearchConfig) sets."""
+    from rag.errors import _COLLECTION_RE
+
+    query = {"string": {"minLength": 1, "maxLength": config.max_query_chars, "pattern": QUERY_PATTERN}}
+    k = {"integer": {"minimum": 1, "maximum": config.max_fetch_k}}
+    docs_n = config.documents_limit
+    text = {"type": "string", "pattern": TEXT_PATTERN}
+    doc_id = {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}], "description": "Unique."}
+    documents = {
+        "array": {"minItems": 1, "maxItems": docs_n},
+        "string": {"pattern": TEXT_PATTERN},
+        # {text, id?}; Cohere v1's rank_fields may name another field than text (the service reads that one)
+        "object": {"properties": {"text": text, "id": doc_id}, "required": ["text"]},
+    }
+    top_n = {"integer": {"minimum": 1, "maximum": docs_n}}
+    max_tokens = {"integer": {"minimum": 1, "maximum": config.rerank_max_tokens_per_doc}}
+    inputs = {"array": {"minItems": 1, "maxItems": config.max_embed_inputs}, **query}
+    return {
+        "SearchRequest": {
+            "query": query,
+            "fetch_k": k,
+            "top_k": {"integer": {**k["integer"], "description": "At most fetch_k."}},
+            "budget_ms": {"number": {"exclusiveMinimum": 0}, "integer": {"exclusiveMinimum": 0}},
+            "collection": {"string": {"pattern": _COLLECTION_RE.pattern}},
+            "filter": {"object": _filter_schema()},
+        },
+        "CohereRerankRequest": {
+            "query": query,
+            "documents": documents,
+            "top_n": top_n,
+            "max_tokens_per_doc": max_tokens,
+        },
+        "CohereV1RerankRequest": {
+            "query": query,
+            "documents": documents,
+            "top_n": top_n,
+            "max_tokens_per_doc": max_tokens,
+        },
+        "TEIRerankRequest": {
+            "query": query,
+            "texts": {"array": documents["array"], "string": documents["string"]},
+            "max_tokens_per_doc": max_tokens,
+        },
+        "EmbedRequest": {"inputs": inputs},
+        "OpenAIEmbeddingsRequest": {"input": inputs},
+    }
+
+
+def _constrain(schema: dict[str, Any], keywords: Keywords) -> None:
+    """Merge ``keywords[type]`` into every subschema of ``schema`` of that type (through anyOf and items)."""
+    for sub in schema.get("anyOf", ()):
+        _constrain(sub, keywords)
+    kind = schema.get("type")
+    if kind in keywords:
+        schema.update(keywords[kind])
+    if kind == "array" and "items" in schema:
+        _constrain(schema["items"], {t: kw for t, kw in keywords.items() if t != "array"})
+
+
+def apply_limits(openapi: dict[str, Any], config: Any) -> dict[str, Any]:
+    """``openapi`` (FastAPI's generated document) with ``request_limits(config)`` merged into its request
+    bodies; returns it."""
+    components = openapi.get("components", {}).get("schemas", {})
+    for model, fields in request_limits(config).items():
+        props = components[model]["properties"]
+        for name, keywords in fields.items():
+            _constrain(props[name], keywords)
+    return openapi

@@ -40,6 +40,7 @@ from deployments._schemas import (
     TEIRank,
     TEIRerankRequest,
     V1RerankResponse,
+    apply_limits,
 )
 from deployments._service import SearchService, logit
 from rag.errors import (
@@ -92,12 +93,41 @@ _KNOWN_ROUTES = frozenset(
     }
 )
 OPEN_ROUTES = frozenset({"/healthz", "/readyz"})  # probes work without a key
-_ERRORS = {
-    401: {"model": ErrorBody, "description": "Missing or unknown API key (only when RAG_API_KEYS is set)."},
-    422: {"model": ErrorBody, "description": "Invalid request: the message says what to fix."},
-    503: {"model": ErrorBody, "description": "Overloaded or a dependency is down; see Retry-After."},
-    500: {"model": ErrorBody, "description": "A bug."},
+# What each status of ERROR_TABLE means to a client. The routes' OpenAPI `responses` are derived from the
+# table (status; Retry-After where its third column says so), so the spec lists what the service sends.
+_STATUS_TEXT = {
+    401: "Missing or unknown API key (only when RAG_API_KEYS is set); carries WWW-Authenticate.",
+    422: "Invalid request (malformed JSON included): the message says what to fix.",
+    503: "Overloaded, timed out, or a dependency is down; see Retry-After.",
+    500: "A bug, or the server is misconfigured (config_error).",
 }
+_RETRY_AFTER = {"schema": {"type": "integer", "minimum": 1}, "description": "Seconds to wait, then retry."}
+
+
+def _route_errors() -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    for _, status, retry in ERROR_TABLE:
+        if status is None or status in out:
+            continue
+        out[status] = {"model": ErrorBody, "description": _STATUS_TEXT[status]}
+        if retry:
+            out[status]["headers"] = {"Retry-After": {**_RETRY_AFTER, "required": True}}
+        if status == 401:
+            out[status]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}}
+    return out
+
+
+_ERRORS = _route_errors()
+
+
+def _as_table_error(exc: BaseException) -> BaseException:
+    """FastAPI's own 400 for a body it cannot decode (not UTF-8 JSON text) is malformed JSON like any other:
+    an InvalidInput, so the table answers 422 as for `{not json`."""
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 400:
+        cause = exc.__cause__
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        return InvalidInput(f"the request body is not valid JSON text{why}: send UTF-8 encoded JSON")
+    return exc
 
 
 def _lookup(exc: BaseException) -> tuple[int, bool]:
@@ -133,6 +163,7 @@ def _message(exc: BaseException) -> str:
 
 def error_response(exc: BaseException) -> JSONResponse:
     """The JSON error response for ``exc`` according to ERROR_TABLE."""
+    exc = _as_table_error(exc)
     status, retry = _lookup(exc)
     if status >= 500 and not isinstance(exc, RagError):
         log.error("unhandled error", exc_info=exc)
@@ -143,6 +174,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers = {"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after_s", 1.0) or 1.0)))}
     if isinstance(exc, Unauthenticated):
         headers = {"WWW-Authenticate": 'Bearer realm="rag-serve"'}
+    if isinstance(exc, StarletteHTTPException) and exc.headers:  # 405's Allow (RFC 9110)
+        headers = dict(exc.headers)
     body = {"error": _message(exc), "error_type": _error_type(exc, status)}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -281,6 +314,14 @@ def create_app(service: SearchService) -> FastAPI:
     )
     for exc_type, _, _ in ERROR_TABLE:
         app.add_exception_handler(exc_type, _handle)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:  # FastAPI's document, with the limits this service was configured with
+        if app.openapi_schema is None:
+            app.openapi_schema = apply_limits(generate_openapi(), service.config)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(
         _Guard, max_body_bytes=service.config.max_body_bytes, api_keys=service.config.api_key_list()
     )
@@ -507,7 +548,7 @@ def create_app(service: SearchService) -> FastAPI:
         """The ingress process is alive (no dependency checked)."""
         return {"status": "ok"}
 
-    @app.get("/info")
+    @app.get("/info", responses={401: _ERRORS[401]})
     async def info() -> dict[str, Any]:
         """The effective configuration of every stage as its replica holds it (models, runtime, limits,
         batch knobs, database versions); no secrets."""
@@ -544,6 +585,7 @@ class Ingress:
         config: SearchConfig,
     ) -> None:
         self.service = SearchService(embedder, retriever, reranker, config)
+        metrics.export_zeros()  # the error and skip counters read 0, not "No data", before the first error
         log.info(auth_line(config))
 
     def __serve_build_asgi_app__(self) -> FastAPI:

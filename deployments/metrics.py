@@ -25,8 +25,10 @@ __all__ = [
     "METRICS",
     "RAY_SERVE_METRICS",
     "HeldGauge",
+    "export_zeros",
     "exported_series",
     "get",
+    "zero_series",
 ]
 
 # Resolves a 1-5 ms embed as well as a multi-second CPU rerank.
@@ -265,3 +267,44 @@ def get(name: str) -> Any:
     if kind == "counter":
         return m.Counter(name, description=desc, tag_keys=tags)
     return HeldGauge(m.Gauge(name, description=desc, tag_keys=tags))
+
+
+def zero_series() -> dict[str, list[dict[str, str]]]:
+    """The label sets of the error and skip counters that exist (at 0) from start-up, so that dashboards and
+    alerts read 0, not "No data", before the first error: every reason a search may skip the rerank, and per
+    stage the errors its calls can end with (the rag.errors types' own error_type)."""
+    from deployments._service import SKIP_REASONS_COUNTED
+    from rag.errors import (
+        ConfigError,
+        ModelError,
+        Overloaded,
+        RerankerError,
+        StageTimeout,
+        StageUnavailable,
+        StoreUnavailable,
+    )
+
+    retryable = [Overloaded, StageTimeout, StageUnavailable]
+    per_stage: dict[str, list[type]] = {
+        "embed": [*retryable, ModelError],
+        "retrieve": [*retryable, StoreUnavailable],
+        "rerank": [*retryable, RerankerError],
+        "ingress": [ConfigError],
+    }
+    errors = [{"stage": s, "error_type": c.error_type} for s, types in per_stage.items() for c in types]
+    errors.append({"stage": "ingress", "error_type": "internal_error"})  # a bug (ingress.py's 500 row)
+    return {
+        "rag_errors_total": errors,
+        "rag_rerank_skipped_total": [{"reason": r} for r in SKIP_REASONS_COUNTED],
+    }
+
+
+def export_zeros() -> None:
+    """Create every ``zero_series()`` series at 0 in this process (the Ingress calls it at start-up).
+
+    Ray's ``Counter.inc`` refuses 0 (``value must be >0``), so the point is recorded through its ``_record``,
+    which ``inc`` itself ends in (Ray 2.60); an add of 0 creates the series without changing a count."""
+    for name, label_sets in zero_series().items():
+        counter = get(name)
+        for tags in label_sets:
+            counter._record(0, tags=dict(tags))

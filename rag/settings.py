@@ -155,6 +155,7 @@ class Settings(BaseSettings):
     rerank_max_tokens_per_doc: int = _f(
         4096,
         "reranker",
+        "search",  # the ingress's OpenAPI schema states the cap
         ge=1,
         description="Tokens of each document read at most (Cohere's max_tokens_per_doc default and cap).",
     )

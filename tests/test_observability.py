@@ -25,7 +25,7 @@ import pytest
 import yaml
 from helpers import QUERIES, cpu_app_config, free_port, ray_cluster, wait_ready
 
-from deployments.metrics import LATENCY_MS_BUCKETS, METRICS, RAY_SERVE_METRICS, exported_series
+from deployments.metrics import LATENCY_MS_BUCKETS, METRICS, RAY_SERVE_METRICS, exported_series, zero_series
 from monitoring.alerts import alerts
 from monitoring.dashboard import ALERTS_PATH, DASHBOARD_PATH, DASHBOARD_UID, dashboard, render
 from monitoring.grafana import panel_targets
@@ -352,6 +352,27 @@ class Traffic:
         return out
 
 
+def _zero_series_found(prometheus: Prom) -> dict[str, dict[tuple, float]]:
+    """name -> (label values in zero_series order) -> value, for the app's error and skip counters."""
+    out: dict[str, dict[tuple, float]] = {}
+    for name, label_sets in zero_series().items():
+        keys = tuple(label_sets[0])
+        res = prometheus.query(f'sum by ({", ".join(keys)}) ({series(name)}{{application="{OBS_APP}"}})')
+        out[name] = {tuple(r["metric"].get(k) for k in keys): float(r["value"][1]) for r in res}
+    return out
+
+
+@pytest.mark.serve
+def test_error_and_skip_counters_read_zero_before_the_first_error(prometheus):
+    """Runs before the traffic fixture: with no request served, every known label set of rag_errors_total and
+    rag_rerank_skipped_total is already in Prometheus, at 0 (dashboards read 0, not "No data")."""
+    want = {n: {tuple(t.values()): 0.0 for t in sets} for n, sets in zero_series().items()}
+    deadline = time.monotonic() + 90  # Ray exports every few seconds; Prometheus scrapes every second
+    while (got := _zero_series_found(prometheus)) != want:
+        assert time.monotonic() < deadline, f"Prometheus holds {got}, want every known label set at 0: {want}"
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def traffic(obs_app, prometheus) -> Traffic:
     """Every path once or more: reranked (sequential and concurrent, so batches merge requests), rerank
@@ -528,7 +549,14 @@ def test_counters_match_the_traffic(prometheus, traffic):
         r["metric"]["reason"]: float(r["value"][1])
         for r in prometheus.query(f"sum by (reason) ({series('rag_rerank_skipped_total')}{{{sel}}})")
     }
-    assert skipped == {"budget": reasons["budget"], "reranker_error": reasons["reranker_error"]}
+    assert {k: v for k, v in skipped.items() if v} == {
+        "budget": reasons["budget"],
+        "reranker_error": reasons["reranker_error"],
+    }
+    found = _zero_series_found(prometheus)  # the label sets exported at 0 from start-up are all still there
+    for name, label_sets in zero_series().items():
+        missing = [t for t in label_sets if tuple(t.values()) not in found[name]]
+        assert not missing, f"{name}: {missing} no longer exported"
     errors = {
         (r["metric"]["stage"], r["metric"]["error_type"]): float(r["value"][1])
         for r in prometheus.query(f"sum by (stage, error_type) ({series('rag_errors_total')}{{{sel}}})")
