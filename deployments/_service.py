@@ -6,12 +6,12 @@ only performs its stage calls through DeploymentHandles. Every handle call goes 
 failures (queue full, replica gone, timeout) into ``rag.errors`` types that the ingress's one error table
 maps to HTTP statuses. Kept apart from the FastAPI routes so it can be driven with fake handles in tests.
 
-Each stage has a ``Breaker``: a failure that says the stage has no live replica (Ray's actor-died and
-unavailable errors; for embed and retrieve also a timeout; for retrieve a database that cannot be reached)
-opens it, and while it is open calls to that stage fail at once (``StageUnavailable``, or the database's own
-``StoreUnavailable``) instead of queueing in Serve's router until a new replica is up. The policy hears
-that as any other rerank failure (dense order, ``reason="reranker_error"``); embed and retrieve answer 503 +
-Retry-After. A background probe (the stage's ``ready()``, every ``PROBE_EVERY_S``) closes it again.
+Each stage has a ``Breaker`` (``deployments._breaker``): a failure that says the stage has no live replica
+(Ray's actor-died and unavailable errors; for embed and retrieve also a timeout; for retrieve a database that
+cannot be reached) opens it, and while it is open calls to that stage fail at once (``StageUnavailable``, or
+the database's own ``StoreUnavailable``) instead of queueing in Serve's router until a new replica is up. The
+policy hears that as any other rerank failure (dense order, ``reason="reranker_error"``); embed and retrieve
+answer 503 + Retry-After. A background probe (the stage's ``ready()``, every ``PROBE_EVERY_S``) closes it.
 Serve's router does not fail a request while a deployment has no replica, it holds it until a new one is up,
 so a call still pending asks the controller every ``SUSPECT_AFTER_S`` (``serve.status``, shared for
 ``STATUS_MAX_AGE_S``); no live replica opens the breaker and fails that call too.
@@ -25,12 +25,19 @@ import math
 import platform
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
+from deployments._breaker import (
+    PROBE_EVERY_S,
+    STATUS_MAX_AGE_S,
+    SUSPECT_AFTER_S,
+    Breaker,
+    looks_dead,
+    running_replicas,
+)
 from rag.errors import (
     InvalidInput,
     Overloaded,
@@ -55,16 +62,12 @@ from rag.search import (
 from rag.settings import SearchConfig
 from rag.validation import validate_documents, validate_query, validate_texts
 
-__all__ = ["SKIP_REASONS_COUNTED", "Breaker", "SearchService", "as_rag_error", "logit"]
+__all__ = ["SKIP_REASONS_COUNTED", "SearchService", "as_rag_error", "logit"]
 
 log = logging.getLogger("ray.serve")
 
 SKIP_REASONS_COUNTED = ("budget", "overloaded", "reranker_error", "disabled")
 UNKNOWN_RERANKER = {"model": None, "backend": None, "device": None, "dtype": None, "trained": None}
-PROBE_EVERY_S = 1.0  # an open breaker asks its stage's ready() this often
-SUSPECT_AFTER_S = 1.0  # a call pending this long asks Serve's controller whether its stage has a replica
-STATUS_MAX_AGE_S = 0.5  # the controller's answer is shared by the calls within this long
-LIVE_STATES = ("RUNNING", "UPDATING", "PENDING_MIGRATION")  # replicas that serve (UPDATING: user_config)
 
 
 def as_rag_error(stage: str, err: BaseException, timeout_s: float) -> BaseException:
@@ -98,63 +101,6 @@ def as_rag_error(stage: str, err: BaseException, timeout_s: float) -> BaseExcept
     ):
         return StageUnavailable(f"the {stage} stage is unavailable ({type(err).__name__}): retry later")
     return err  # a bug: the error table answers 500
-
-
-def looks_dead(stage: str, cause: BaseException, err: BaseException) -> bool:
-    """Does this failure say that ``stage`` has no live replica (or, for retrieve, no database)?
-
-    ``cause`` is what the handle raised, ``err`` its rag.errors translation. A cancelled request (the
-    caller hung up) or a full queue is no such sign; a timeout is one for embed and retrieve only (a busy
-    reranker times out too, and that degrades request by request)."""
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
-
-    if isinstance(cause, RayActorError | DeploymentUnavailableError | ReplicaUnavailableError):
-        return True
-    if stage == "retrieve" and isinstance(err, StoreUnavailable):
-        return True
-    return stage != "rerank" and isinstance(err, StageTimeout)
-
-
-@dataclass
-class Breaker:
-    """One stage's circuit breaker (see the module docstring). Open: ``error`` says why."""
-
-    stage: str
-    error: RagError | None = None
-    opened_at: float = 0.0
-    probe: asyncio.Task | None = field(default=None, repr=False)
-
-    @property
-    def is_open(self) -> bool:
-        return self.error is not None
-
-    def open(self, err: BaseException) -> None:
-        if not self.is_open:
-            self.opened_at = time.monotonic()
-            log.warning("%s stage: circuit open (%s)", self.stage, err)
-        self.error = (
-            err
-            if isinstance(err, StoreUnavailable)
-            else StageUnavailable(
-                f"the {self.stage} stage has no live replica ({type(err).__name__}: {err}); "
-                f"retrying every {PROBE_EVERY_S:g}s",
-                retry_after_s=PROBE_EVERY_S,
-            )
-        )
-
-    def close(self) -> None:
-        if self.is_open:
-            log.warning("%s stage: circuit closed after %.1fs", self.stage, time.monotonic() - self.opened_at)
-        self.error = None
-
-    def refusal(self) -> RagError:
-        """The error a call gets at once while the breaker is open (a fresh one: it is raised again)."""
-        err = self.error
-        assert err is not None
-        if isinstance(err, StoreUnavailable):
-            return StoreUnavailable(str(err))
-        return StageUnavailable(str(err), retry_after_s=PROBE_EVERY_S)
 
 
 class SearchService:
@@ -218,7 +164,7 @@ class SearchService:
             if time.monotonic() - self._running_at > STATUS_MAX_AGE_S:
                 try:
                     self._running = await asyncio.wait_for(
-                        asyncio.to_thread(_running_replicas), self.config.ready_timeout_s
+                        asyncio.to_thread(running_replicas), self.config.ready_timeout_s
                     )
                 except Exception as e:  # the controller is busy or restarting (or slow): no verdict
                     log.warning("could not ask Serve's controller for replica states: %s", e)
@@ -494,18 +440,6 @@ class SearchService:
 
 async def _awaited(response: Any) -> Any:
     return await response
-
-
-def _running_replicas() -> dict[tuple[str, str], int]:
-    """(app, deployment) -> live replicas (``LIVE_STATES``), from Serve's controller (blocking: a thread)."""
-    from ray import serve
-
-    out: dict[tuple[str, str], int] = {}
-    for app_name, app in serve.status().applications.items():
-        for name, dep in app.deployments.items():
-            states = {getattr(k, "value", k): v for k, v in (dep.replica_states or {}).items()}
-            out[(app_name, name)] = sum(int(states.get(k, 0)) for k in LIVE_STATES)
-    return out
 
 
 def _versions() -> dict[str, Any]:

@@ -1,0 +1,102 @@
+"""Per-stage circuit breakers for the ingress's handle calls (used by ``deployments._service``).
+
+A failure that says a stage has no live replica (``looks_dead``) opens its ``Breaker``; while it is open the
+stage's calls fail at once with ``refusal()`` instead of waiting in Serve's router for a new replica. The
+service's probe (the stage's ``ready()`` every ``PROBE_EVERY_S``) closes it. ``running_replicas`` asks
+Serve's controller how many replicas of each deployment serve (a call pending past ``SUSPECT_AFTER_S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from rag.errors import RagError, StageTimeout, StageUnavailable, StoreUnavailable
+
+__all__ = [
+    "LIVE_STATES",
+    "PROBE_EVERY_S",
+    "STATUS_MAX_AGE_S",
+    "SUSPECT_AFTER_S",
+    "Breaker",
+    "looks_dead",
+    "running_replicas",
+]
+
+log = logging.getLogger("ray.serve")
+
+PROBE_EVERY_S = 1.0  # an open breaker asks its stage's ready() this often
+SUSPECT_AFTER_S = 1.0  # a call pending this long asks Serve's controller whether its stage has a replica
+STATUS_MAX_AGE_S = 0.5  # the controller's answer is shared by the calls within this long
+LIVE_STATES = ("RUNNING", "UPDATING", "PENDING_MIGRATION")  # replicas that serve (UPDATING: user_config)
+
+
+def looks_dead(stage: str, cause: BaseException, err: BaseException) -> bool:
+    """Does this failure say that ``stage`` has no live replica (or, for retrieve, no database)?
+
+    ``cause`` is what the handle raised, ``err`` its rag.errors translation. A cancelled request (the
+    caller hung up) or a full queue is no such sign; a timeout is one for embed and retrieve only (a busy
+    reranker times out too, and that degrades request by request)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    if isinstance(cause, RayActorError | DeploymentUnavailableError | ReplicaUnavailableError):
+        return True
+    if stage == "retrieve" and isinstance(err, StoreUnavailable):
+        return True
+    return stage != "rerank" and isinstance(err, StageTimeout)
+
+
+@dataclass
+class Breaker:
+    """One stage's circuit breaker (see the module docstring). Open: ``error`` says why."""
+
+    stage: str
+    error: RagError | None = None
+    opened_at: float = 0.0
+    probe: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def is_open(self) -> bool:
+        return self.error is not None
+
+    def open(self, err: BaseException) -> None:
+        if not self.is_open:
+            self.opened_at = time.monotonic()
+            log.warning("%s stage: circuit open (%s)", self.stage, err)
+        self.error = (
+            err
+            if isinstance(err, StoreUnavailable)
+            else StageUnavailable(
+                f"the {self.stage} stage has no live replica ({type(err).__name__}: {err}); "
+                f"retrying every {PROBE_EVERY_S:g}s",
+                retry_after_s=PROBE_EVERY_S,
+            )
+        )
+
+    def close(self) -> None:
+        if self.is_open:
+            log.warning("%s stage: circuit closed after %.1fs", self.stage, time.monotonic() - self.opened_at)
+        self.error = None
+
+    def refusal(self) -> RagError:
+        """The error a call gets at once while the breaker is open (a fresh one: it is raised again)."""
+        err = self.error
+        assert err is not None
+        if isinstance(err, StoreUnavailable):
+            return StoreUnavailable(str(err))
+        return StageUnavailable(str(err), retry_after_s=PROBE_EVERY_S)
+
+
+def running_replicas() -> dict[tuple[str, str], int]:
+    """(app, deployment) -> live replicas (``LIVE_STATES``), from Serve's controller (blocking: a thread)."""
+    from ray import serve
+
+    out: dict[tuple[str, str], int] = {}
+    for app_name, app in serve.status().applications.items():
+        for name, dep in app.deployments.items():
+            states = {getattr(k, "value", k): v for k, v in (dep.replica_states or {}).items()}
+            out[(app_name, name)] = sum(int(states.get(k, 0)) for k in LIVE_STATES)
+    return out
