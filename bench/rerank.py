@@ -159,8 +159,11 @@ def run(
     skip_seed: bool = False,
     st_bf16: bool = True,
     with_screens: bool = True,
+    fidelity_reference: str = "seed",
     quiet: bool = False,
 ) -> dict[str, Any]:
+    """``fidelity_reference``: ``"seed"`` (CrossEncoder.predict fp32) or ``"fp32-screen"`` (our fp32 path on
+    OpenVINO f32, several times faster on a shared CPU; the same fp32 arithmetic up to summation order)."""
     import warnings
 
     from sentence_transformers import CrossEncoder
@@ -333,9 +336,30 @@ def run(
         row["pairs_per_s"] = round(pairs_per_req * len(timed) / (sum(row.pop("_lat")) / 1e3), 1)
     result["screens_skipped"] = screens_skipped
     if fidelity_queries:
-        result["fidelity"] = _fidelity(
-            ds, ours, seed_score, pairs, ref, got, ref_path, fidelity_queries, quiet
+        fid_score, fid_ref, fid_path, fid_name = (
+            seed_score,
+            ref,
+            ref_path,
+            "CrossEncoder.predict fp32 (the seed's code)",
         )
+        if fidelity_reference == "fp32-screen":
+            if "fp32" not in screens:
+                raise ValueError(
+                    "fidelity_reference=fp32-screen needs the fp32 screen (with_screens=True, CPU)"
+                )
+            fp32 = screens["fp32"]
+            fid_path, fid_ref = _ref_cache(cache_dir, f"{ds.fingerprint()}-{k}-ovf32", model_path, k, nq)
+            have = ~np.isnan(got_screen["fp32"]).any(axis=1)
+            fid_ref[have] = got_screen["fp32"][have]
+
+            def fid_score(p: list[tuple[str, str]]) -> np.ndarray:
+                return np.asarray(fp32.score(p), dtype=np.float64)
+
+            fid_name = "rerank_screen=fp32 (OpenVINO f32, no refine)"
+        result["fidelity"] = _fidelity(
+            ds, ours, fid_score, pairs, fid_ref, got, fid_path, fidelity_queries, quiet
+        )
+        result["fidelity"]["reference"] = fid_name
         for name, r in screens.items():
             if name == "fp32":  # the fp32 screen is the reference's precision: no refine, nothing to check
                 continue
@@ -344,8 +368,9 @@ def run(
                 continue
             say(f"fidelity of rerank_screen={name}", quiet=quiet)
             result["screens"][name]["fidelity"] = _fidelity(
-                ds, r, seed_score, pairs, ref, got_screen[name], ref_path, fidelity_queries, quiet
+                ds, r, fid_score, pairs, fid_ref, got_screen[name], fid_path, fidelity_queries, quiet
             )
+            result["screens"][name]["fidelity"]["reference"] = fid_name
     result["load_end"] = load_now()
     return result
 
@@ -426,7 +451,8 @@ def summary(r: dict[str, Any]) -> str:
         f"bf16 {pk.get('bf16_tflops')}"
         + (f", fp16 {pk['fp16_tflops']}" if "fp16_tflops" in pk else "")
         + (f", int8 {pk['int8_tops']} TOP/s" if "int8_tops" in pk else ""),
-        f"ours: {info['runtime']} {info['dtype']}, refine={info.get('refine')}, threads {info['threads']}",
+        f"ours: {info['runtime']} screen {info.get('screen', info['dtype'])}, refine={info.get('refine')}, "
+        f"threads {info['threads']}",
         f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'pairs/s':>10}",
     ]
     if "seed" in r:
