@@ -272,7 +272,9 @@ class OpenVINOEngine:
     ``precisions``: what to compile (``"bf16"``, ``"f32"``, ``"int8"``); ``__call__`` picks one of them.
     ``"int8"`` is the NNCF-quantized copy of the IR (``quantize_ir``, cached in a subfolder of the IR's,
     keyed by ``_INT8_VERSION`` and ``calibration_key``), built from ``calibration()`` when not cached yet;
-    its non-quantized operations run in f32.
+    its non-quantized operations run in f32. ``prebuilt_dir``: a read-only cache (an image's, see the
+    Dockerfile) whose IR folders are used when they hold this model; what is missing there is built under
+    ``cache_dir``.
     """
 
     name = "openvino"
@@ -291,20 +293,25 @@ class OpenVINOEngine:
         threads: int = 0,
         calibration: Callable[[], list[dict[str, np.ndarray]]] | None = None,
         calibration_key: str = "",
+        prebuilt_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         import openvino as ov
 
         self.names = tuple(names)
         self.threads = threads
         key = _fingerprint(Path(model_dir), kind)
-        folder = Path(cache_dir) / "openvino" / f"{Path(model_dir).name}-{kind}-{key}"
+        name = f"{Path(model_dir).name}-{kind}-{key}"
+        folder = self.writable = Path(cache_dir) / "openvino" / name
+        if prebuilt_dir and (Path(prebuilt_dir) / "openvino" / name / "model.xml").exists():
+            folder = Path(prebuilt_dir) / "openvino" / name  # read-only (an image's), used as it is
         xml = folder / "model.xml"
         with self._convert_lock:
             if not xml.exists():
                 self._convert(module, fn, folder)
         core = ov.Core()
         with contextlib.suppress(Exception):  # a compile cache is an optimisation only
-            core.set_property({"CACHE_DIR": str(folder / "blobs")})
+            self.writable.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(self.writable / "blobs")})
         self.xml = xml
         self.int8_xml: Path | None = None
         model = core.read_model(str(xml))
@@ -315,6 +322,8 @@ class OpenVINOEngine:
             m = model
             if p == "int8":
                 self.int8_xml = int8_path(xml, calibration_key)
+                if not self.int8_xml.exists():  # not prebuilt: quantize into the writable cache
+                    self.int8_xml = int8_path(self.writable / "model.xml", calibration_key)
                 with self._convert_lock:
                     if not self.int8_xml.exists():
                         if calibration is None:
@@ -336,15 +345,17 @@ class OpenVINOEngine:
         self.precisions = tuple(p for p in self.precisions if p != precision)
 
     def cached_timing(self, key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
-        """``measure()`` once per ``key`` (+ this CPU model and thread count), cached in a JSON file next to
-        the int8 IR (else the IR): a replica on a known machine type reads the figure instead of timing."""
+        """``measure()`` once per ``key`` (+ this CPU model and thread count), cached in a JSON file in the
+        writable IR folder (a prebuilt folder's file is read too): a replica on a known machine type reads
+        the figure instead of timing."""
         import json
 
-        cache = (self.int8_xml or self.xml).parent / "screen-speed.json"
+        cache = self.writable / "screen-speed.json"
         key = f"{cpu_model()}|{self.threads} threads|{key}"
         seen: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            seen = json.loads(cache.read_text())
+        for f in dict.fromkeys([(self.int8_xml or self.xml).parent / cache.name, cache]):  # prebuilt, ours
+            with contextlib.suppress(OSError, ValueError):
+                seen.update(json.loads(f.read_text()))
         if isinstance(seen.get(key), dict):
             return {k: float(v) for k, v in seen[key].items()}
         out = measure()

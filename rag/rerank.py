@@ -115,6 +115,7 @@ class CrossEncoderReranker:
         refine_top: int = 8,
         refine_margin: float = 0.1,
         screen: str = "auto",
+        ir_dir: os.PathLike[str] | str | None = None,
     ) -> None:
         import copy
         from pathlib import Path
@@ -207,6 +208,7 @@ class CrossEncoderReranker:
                     threads=self.threads,
                     calibration=self._calibration_sample,
                     calibration_key=CALIBRATION_KEY,
+                    prebuilt_dir=ir_dir,
                 )
             except ConfigError:
                 raise
@@ -578,4 +580,5 @@ def make_reranker(cfg: RerankerConfig | Settings) -> Reranker:
         refine_top=c.rerank_refine_top,
         refine_margin=c.rerank_refine_margin,
         screen=c.rerank_screen,
+        ir_dir=c.rerank_ir_dir,
     )

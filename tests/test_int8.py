@@ -113,3 +113,23 @@ def test_int8_screen_matches_fp32_on_cranfield_slice(cranfield, embedder, int8_r
     m = fidelity_metrics(ref, got, k=8)
     assert m["top8_position_match"] >= 0.99, m
     assert m["spearman_mean"] >= 0.99, m
+
+
+def test_prebuilt_ir_dir_is_read_not_written(settings, int8_reranker, tmp_path, monkeypatch):
+    """The image's case (Dockerfile): float and int8 IR under a read-only RAG_RERANK_IR_DIR are used as they
+    are; NNCF is not needed to run them, and nothing is converted or quantized into the writable cache."""
+    import shutil
+    import stat
+
+    src = int8_reranker.engine.xml.parent
+    prebuilt = tmp_path / "image-ir"
+    shutil.copytree(src, prebuilt / "openvino" / src.name, ignore=shutil.ignore_patterns("blobs", "*.json"))
+    for p in prebuilt.rglob("*"):
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    writable = tmp_path / "cache"
+    r = _reranker(settings, cache_dir=writable, screen="int8", device="cpu", ir_dir=prebuilt)
+    assert r.engine.xml.is_relative_to(prebuilt) and r.engine.int8_xml.is_relative_to(prebuilt)
+    assert not list(writable.rglob("model.xml"))  # nothing converted or quantized again
+    pairs = [("what is a heap", "heapq: heap queue algorithm")]
+    assert r.score(pairs) == pytest.approx(int8_reranker.score(pairs), abs=1e-6)
