@@ -21,14 +21,14 @@ pytest.importorskip("nncf", reason="the int8 screen is built with NNCF: pip inst
 QUERIES = (0, 57, 140)  # as tests/test_fidelity.py
 
 
-def _reranker(settings, cache_dir=None, **kw):
+def _reranker(settings, cache_dir=None, model=None, **kw):
     from rag.models import StandInWarning
     from rag.rerank import CrossEncoderReranker
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StandInWarning)
         return CrossEncoderReranker(
-            settings.rerank_model, cache_dir=cache_dir or settings.model_cache, offline=True, **kw
+            model or settings.rerank_model, cache_dir=cache_dir or settings.model_cache, offline=True, **kw
         )
 
 
@@ -128,7 +128,8 @@ def test_prebuilt_ir_dir_is_read_not_written(settings, int8_reranker, tmp_path, 
         p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     monkeypatch.setitem(sys.modules, "nncf", None)
     writable = tmp_path / "cache"
-    r = _reranker(settings, cache_dir=writable, screen="int8", device="cpu", ir_dir=prebuilt)
+    model = int8_reranker.resolved.path  # the same model folder (an image's HF cache): the same IR key
+    r = _reranker(settings, cache_dir=writable, model=model, screen="int8", device="cpu", ir_dir=prebuilt)
     assert r.engine.xml.is_relative_to(prebuilt) and r.engine.int8_xml.is_relative_to(prebuilt)
     assert not list(writable.rglob("model.xml"))  # nothing converted or quantized again
     pairs = [("what is a heap", "heapq: heap queue algorithm")]
