@@ -157,6 +157,7 @@ class CrossEncoderReranker:
         try_int8 = screen == "int8" or (
             screen == "auto"
             and dtype == "auto"
+            and refine_top > 0  # auto never makes int8 scores final: the head is always rescored in fp32
             and sort
             and self.device == "cpu"
             and self.runtime == "openvino"
