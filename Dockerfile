@@ -33,10 +33,12 @@ LABEL org.opencontainers.image.title="rag-serve" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 COPY --from=wheel --chown=ray:users /home/ray/wheels /home/ray/wheels
+# The int8 extra (NNCF) quantizes the reranker below, at build time.
 # DL3013 ("pin versions in pip"): the argument is the wheel built above from this commit, and its dependencies
 # are bounded by pyproject.toml; there is no unpinned package name here.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} /home/ray/wheels/*.whl \
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+      "$(ls /home/ray/wheels/*.whl)[int8]" \
     && rm -rf /home/ray/wheels
 
 # Bake the models into a Hugging Face cache inside the image: at run time the hub ids in serve_config.yaml
@@ -59,6 +61,16 @@ print(e, r); \
 assert e.source in ('packaged', 'hf-cache') and r.source == 'hf-cache' and r.trained, (e, r)" \
       "${EMBEDDING_MODEL}" "${RERANK_MODEL}" \
     && rm -rf /tmp/rag-models
+
+# The reranker's OpenVINO IR and its int8 copy (NNCF post-training quantization, calibrated on stdlib
+# docstrings), built once here: CPU replicas read them from RAG_RERANK_IR_DIR (read-only) instead of
+# converting and quantizing at start-up. Compiled blobs are CPU-specific: dropped, rebuilt under /tmp.
+ENV RAG_RERANK_IR_DIR=/home/ray/rag-ir
+RUN python -c "import sys; from rag.rerank import CrossEncoderReranker; \
+r = CrossEncoderReranker(sys.argv[1], cache_dir='/home/ray/rag-ir', device='cpu', runtime='openvino', screen='int8', offline=True); \
+print(r.info()); assert r.engine.int8_xml.exists(), r.engine.int8_xml" \
+      "${RERANK_MODEL}" \
+    && rm -rf /home/ray/rag-ir/openvino/*/blobs /home/ray/rag-ir/openvino/*/screen-speed.json
 
 # Pods run with a read-only root filesystem and an emptyDir at /tmp: everything the process writes goes there.
 ENV RAG_DATA_DIR=/tmp/rag \

@@ -73,6 +73,9 @@ def rerank(
     st_bf16: Annotated[
         bool, typer.Option(help="Also time sentence-transformers in bf16 (its predict sorts by length).")
     ] = True,
+    fidelity_reference: Annotated[
+        str, typer.Option(help="fp32 reference: seed (CrossEncoder.predict) or fp32-screen (faster).")
+    ] = "seed",
     as_json: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
@@ -101,6 +104,7 @@ def rerank(
         k=candidates,
         skip_seed=skip_seed,
         st_bf16=st_bf16,
+        fidelity_reference=fidelity_reference,
     )
     _finish(r, as_json, out, rb.summary(r))
 

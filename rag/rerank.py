@@ -2,8 +2,9 @@
 
 - ``CrossEncoderReranker``: a sentence-transformers ``CrossEncoder``. In ``float32`` with ``sort=False`` it
   is exactly ``CrossEncoder.predict``; by default it sorts pairs by length, packs them into batches by a
-  padded-token budget, screens in bf16 where the CPU has native bf16 (fp16 on CUDA), rescores each query's
-  head in fp32, and runs on OpenVINO when installed (see the class docstring and docs/BENCHMARKS.md).
+  padded-token budget, screens in int8 (an NNCF-quantized OpenVINO copy, where it measures faster) or bf16
+  where the CPU has native bf16 (fp16 on CUDA), rescores each query's head in fp32, and runs on OpenVINO
+  when installed (see the class docstring and docs/BENCHMARKS.md).
 - ``CohereReranker``: Cohere's hosted Rerank v2 API (or anything that speaks it) via ``cohere.ClientV2``.
 - ``NoReranker``: stage 2 disabled; the pipeline keeps the dense order.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -86,6 +88,12 @@ class CrossEncoderReranker:
       last of them are scored again in fp32, so the head of each ranking is the fp32 one (bf16 alone
       reorders close scores: about 84% of top-8 positions match fp32 on Cranfield). ``runtime="auto"``
       runs the model on OpenVINO when it is installed (CPU), else on eager PyTorch.
+
+    ``screen`` picks the screen's precision: ``"fp32"`` (no refine needed), ``"bf16"``, ``"int8"`` (OpenVINO
+    on CPU: an NNCF post-training-quantized copy of the IR, calibrated once on (query, passage) pairs of the
+    stdlib demo corpus and cached next to the IR), or ``"auto"``: the ``dtype`` rule, and, when ``dtype`` is
+    ``"auto"`` too and NNCF is installed, int8 if a one-off micro-measurement (cached with the IR) finds it
+    faster than that float screen on this CPU. The fp32 refine of each query's head is the same for all.
     """
 
     enabled = True
@@ -106,6 +114,8 @@ class CrossEncoderReranker:
         runtime: str = "auto",
         refine_top: int = 8,
         refine_margin: float = 0.1,
+        screen: str = "auto",
+        ir_dir: os.PathLike[str] | str | None = None,
     ) -> None:
         import copy
         from pathlib import Path
@@ -116,6 +126,7 @@ class CrossEncoderReranker:
         from rag.accel import (
             OpenVINOEngine,
             TorchEngine,
+            nncf_available,
             pick_device,
             pick_dtype,
             pick_runtime,
@@ -125,7 +136,9 @@ class CrossEncoderReranker:
 
         self.resolved = resolve_cross_encoder(model, cache_dir=Path(cache_dir), offline=offline)
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        if screen not in SCREENS:
+            raise ConfigError(f"rerank_screen must be one of {', '.join(SCREENS)}, got {screen!r}")
+        self.dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(screen) or pick_dtype(dtype, self.device)
         self.max_length = max_length
         self.batch_size = batch_size
         self.token_budget = token_budget
@@ -135,7 +148,25 @@ class CrossEncoderReranker:
             torch.set_num_threads(self.threads)
         # Parity configuration (sort=False) is plain PyTorch; the fast path picks its runtime.
         self.runtime = pick_runtime(runtime, self.device, self.dtype) if sort else "torch"
-        self.refine_top = refine_top if (sort and self.dtype != "float32") else 0
+        if screen == "int8" and not (sort and self.device == "cpu" and self.runtime == "openvino"):
+            raise ConfigError(
+                "rerank_screen=int8 runs on OpenVINO on the CPU with the sorted fast path: set "
+                "RAG_RERANK_RUNTIME=openvino (or auto, with the openvino package installed) and "
+                f"RAG_RERANK_DEVICE=cpu (now: runtime {self.runtime}, device {self.device}, sort {sort})"
+            )
+        try_int8 = screen == "int8" or (
+            screen == "auto"
+            and dtype == "auto"
+            and refine_top > 0  # auto never makes int8 scores final: the head is always rescored in fp32
+            and sort
+            and self.device == "cpu"
+            and self.runtime == "openvino"
+            and nncf_available()
+        )
+        self.screen = "int8" if screen == "int8" else self.dtype
+        self.screen_choice = f"rerank_screen={screen}" + ("" if screen != "auto" else f" -> {self.dtype}")
+        self.screen_speed_ms: dict[str, float] = {}
+        self.refine_top = refine_top if (sort and self.screen != "float32") else 0
         self.refine_margin = refine_margin
         try:
             self.ce = CrossEncoder(self.resolved.path, device=self.device, max_length=max_length)
@@ -156,12 +187,15 @@ class CrossEncoderReranker:
             for n in ("input_ids", "attention_mask", "token_type_ids")
             if n in self.tokenizer.model_input_names
         )
+        self._lock = threading.Lock()  # one forward pass at a time per replica
+        self.last_timings: dict[str, float] = {}
         logits = _seq_cls_logits
         self._fast: Any
         self._exact: Any = None  # the fp32 engine of the refine step
         if self.runtime == "openvino":
-            precisions = ["bf16" if self.dtype == "bfloat16" else "f32"]
-            if self.refine_top:
+            float_p = "bf16" if self.dtype == "bfloat16" else "f32"
+            precisions = (["int8"] if try_int8 else []) + ([float_p] if screen != "int8" else [])
+            if (self.refine_top or try_int8) and "f32" not in precisions:
                 precisions.append("f32")
             try:
                 ov = OpenVINOEngine(
@@ -173,13 +207,40 @@ class CrossEncoderReranker:
                     cache_dir=cache_dir,
                     precisions=precisions,
                     threads=self.threads,
+                    calibration=self._calibration_sample,
+                    calibration_key=CALIBRATION_KEY,
+                    prebuilt_dir=ir_dir,
                 )
+            except ConfigError:
+                raise
             except Exception as e:
                 raise ModelError(
                     f"could not run reranker {model!r} on OpenVINO: {e}; use runtime=torch"
                 ) from e
             self.engine: Any = ov
-            self._fast = lambda feeds: ov(feeds, precisions[0])
+            if screen == "auto" and try_int8:
+                self.refine_top = refine_top  # the comparison is screen + the same fp32 refine
+                self._exact = lambda feeds: ov(feeds, "f32")
+                speed = ov.cached_timing(
+                    f"demo request 4x32, refine {refine_top} +{refine_margin}, int8 vs {float_p}",
+                    lambda: self._time_screens(ov, ["int8", float_p]),
+                )
+                self.screen_speed_ms = speed
+                self.screen = "int8" if speed["int8"] < speed[float_p] else self.dtype
+                self.screen_choice = (
+                    f"rerank_screen=auto -> {self.screen}: a 4x32-pair demo request (screen + fp32 refine) "
+                    f"takes int8 {speed['int8']} ms, {float_p} {speed[float_p]} ms here (measured once, "
+                    "cached with the IR)"
+                )
+                if self.screen == "int8" and float_p != "f32":
+                    ov.drop(float_p)
+                elif self.screen != "int8":
+                    ov.drop("int8")
+                self.refine_top = refine_top if self.screen != "float32" else 0
+            if self.screen == "int8" and not self.refine_top:
+                log.warning("rerank_screen=int8 with rerank_refine_top=0: the int8 scores are final")
+            screen_p = "int8" if self.screen == "int8" else float_p
+            self._fast = lambda feeds: ov(feeds, screen_p)
             if self.refine_top:
                 self._exact = lambda feeds: ov(feeds, "f32")
         else:
@@ -191,8 +252,6 @@ class CrossEncoderReranker:
             else:
                 self._fast = TorchEngine(self.model, device=self.device, dtype=self.dtype, fn=logits)
             self.engine = self._fast
-        self._lock = threading.Lock()  # one forward pass at a time per replica
-        self.last_timings: dict[str, float] = {}
 
     def info(self) -> dict[str, Any]:
         return {
@@ -202,6 +261,9 @@ class CrossEncoderReranker:
             "source": self.resolved.source,
             "device": self.device,
             "dtype": self.dtype,
+            "screen": self.screen,
+            "screen_choice": self.screen_choice,
+            "screen_speed_ms": self.screen_speed_ms or None,
             "runtime": self.runtime,
             "threads": self.threads,
             "refine": (
@@ -217,6 +279,47 @@ class CrossEncoderReranker:
             "trained": self.resolved.trained,
             "max_length": self.max_length,
         }
+
+    def _calibration_sample(self) -> list[dict[str, Any]]:
+        """The int8 calibration sample: (query, passage) pairs from the stdlib demo corpus (``rag ingest
+        --demo``), never evaluation data. Every 20th of the first 1280 docstrings (64); each one's first 12
+        words are a query, paired with its own docstring and with another one; 16 padded batches of 8."""
+        from rag.accel import pad_batch
+
+        docs = _demo_docs()
+        pairs: list[Pair] = []
+        for i, d in enumerate(docs):
+            q = _demo_query(d)
+            pairs += [(q, d), (q, docs[(7 * i + 3) % len(docs)])]
+        feats = self._tokenize(pairs)
+        out = []
+        for lo in range(0, len(pairs), 8):
+            rows = list(range(lo, min(lo + 8, len(pairs))))
+            ids, mask = pad_batch(feats["input_ids"], rows, self.pad_id)
+            f = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in feats:
+                f["token_type_ids"] = pad_batch(feats["token_type_ids"], rows, 0)[0]
+            out.append(f)
+        return out
+
+    def _time_screens(self, ov: Any, precisions: Sequence[str]) -> dict[str, float]:
+        """Best-of-2 milliseconds of one demo-corpus request (4 queries x 32 passages), the screen in each of
+        ``precisions`` followed by the fp32 refine: what ``rerank_screen=auto`` compares."""
+        docs = _demo_docs()
+        pairs = [
+            (_demo_query(docs[16 * q]), docs[(16 * q + j) % len(docs)]) for q in range(4) for j in range(32)
+        ]
+        out: dict[str, float] = {}
+        for p in precisions:
+            self._fast = lambda feeds, p=p: ov(feeds, p)
+            self.score(pairs)  # warm-up
+            ts = []
+            for _ in range(2):
+                t = time.perf_counter()
+                self.score(pairs)
+                ts.append((time.perf_counter() - t) * 1e3)
+            out[p] = round(min(ts), 1)
+        return out
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Pair indices grouped into forward passes (see ``rag.accel.pack_batches``)."""
@@ -344,6 +447,22 @@ class CrossEncoderReranker:
         return [float(scores[w]) for w in where], timings
 
 
+SCREENS = ("auto", "fp32", "bf16", "int8")
+# keys the cached int8 IR (with rag.accel's _INT8_VERSION): the sample is a function of the stdlib's version
+CALIBRATION_KEY = f"demo64x2-py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _demo_docs() -> list[str]:
+    """64 stdlib docstrings (every 20th of the demo corpus' first 1280): the int8 calibration text."""
+    from rag.ingest import iter_demo
+
+    return [d.content for d in list(iter_demo(limit=1280))[::20]][:64]
+
+
+def _demo_query(doc: str) -> str:
+    return " ".join(doc.split("\n\n", 1)[-1].split()[:12])  # a docstring's first 12 words
+
+
 def model_revision(path: str) -> str:
     """The model's revision: the hub snapshot's commit, else a hash of the model files' names, sizes and
     modification times (a local folder or the stand-in)."""
@@ -461,4 +580,6 @@ def make_reranker(cfg: RerankerConfig | Settings) -> Reranker:
         runtime=c.rerank_runtime,
         refine_top=c.rerank_refine_top,
         refine_margin=c.rerank_refine_margin,
+        screen=c.rerank_screen,
+        ir_dir=c.rerank_ir_dir,
     )

@@ -146,6 +146,18 @@ class Settings(BaseSettings):
     rerank_refine_margin: float = _f(
         0.1, "reranker", ge=0, description="Also rescore pairs within this many logits of the N-th best."
     )
+    rerank_screen: Literal["auto", "fp32", "bf16", "int8"] = _f(
+        "auto",
+        "reranker",
+        description="Fast path's screen of all pairs (the refine stays fp32): int8 (OpenVINO + NNCF "
+        "quantized copy), bf16, fp32; auto = int8 when it measures faster than the float screen here.",
+    )
+    rerank_ir_dir: Path | None = _f(
+        None,
+        "reranker",
+        description="Read-only prebuilt OpenVINO IR cache (the image's, float and int8); the rest is built "
+        "under data_dir/models.",
+    )
     rerank_long_documents: Literal["max", "mean", "first"] = _f(
         "max",
         "reranker",

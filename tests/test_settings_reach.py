@@ -52,6 +52,8 @@ NON_DEFAULT: dict[str, Any] = {
     "rerank_runtime": "torch",
     "rerank_refine_top": 3,
     "rerank_refine_margin": 0.2,
+    "rerank_screen": "fp32",
+    "rerank_ir_dir": "/tmp/rag-reach-prebuilt-ir",
     "rerank_long_documents": "mean",
     "rerank_max_tokens_per_doc": 2048,
     "rerank_window_overlap": 32,
