@@ -26,6 +26,18 @@ QUERIES = [
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def ingest_demo(store: Any, embedder: Any, prefix: str, limit: int, chars: int = 300) -> str:
+    """A new collection of ``limit`` short stdlib docstrings (the first ``chars`` of each), via rag.ingest."""
+    import uuid
+
+    from rag.ingest import Document, ingest, iter_demo
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    docs = [Document(d.doc_id, d.content[:chars], d.source, d.metadata) for d in iter_demo(limit=limit)]
+    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    return name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

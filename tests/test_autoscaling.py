@@ -20,13 +20,12 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from helpers import cpu_app_config, free_port, ray_cluster, wait_ready
+from helpers import cpu_app_config, free_port, ingest_demo, ray_cluster, wait_ready
 
 from deployments.autoscaling import PendingPairsPolicy, pending_pairs_policy
 
@@ -127,11 +126,7 @@ def test_production_reranker_uses_the_pending_pairs_policy():
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_collection(store, embedder) -> Iterator[str]:
-    from rag.ingest import Document, ingest, iter_demo
-
-    name = "autoscale_" + uuid.uuid4().hex[:10]
-    docs = [Document(d.doc_id, d.content[:200], d.source, d.metadata) for d in iter_demo(limit=20)]
-    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    name = ingest_demo(store, embedder, "autoscale", 20, chars=200)
     yield name
     store.drop_collection(name)
 

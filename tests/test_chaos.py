@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from helpers import QUERIES, TEST_ENV, cpu_app_config, free_port, ray_cluster, wait_ready
+from helpers import QUERIES, TEST_ENV, cpu_app_config, free_port, ingest_demo, ray_cluster, wait_ready
 
 pytestmark = [pytest.mark.serve, pytest.mark.chaos]
 
@@ -93,12 +93,7 @@ def chaos_store(chaos_db):
 
 @pytest.fixture(scope="module")
 def chaos_collection(chaos_store, embedder) -> str:
-    from rag.ingest import Document, ingest, iter_demo
-
-    name = "chaos_" + uuid.uuid4().hex[:8]
-    docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=120)]
-    ingest(docs, embedder=embedder, store=chaos_store, collection=name, chunk_tokens=96)
-    return name
+    return ingest_demo(chaos_store, embedder, "chaos", 120)
 
 
 @pytest.fixture(scope="module")

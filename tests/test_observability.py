@@ -18,12 +18,11 @@ import re
 import shutil
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import QUERIES, cpu_app_config, free_port, ray_cluster, wait_ready
+from helpers import QUERIES, cpu_app_config, free_port, ingest_demo, ray_cluster, wait_ready
 
 from deployments.metrics import LATENCY_MS_BUCKETS, METRICS, RAY_SERVE_METRICS, exported_series, zero_series
 from monitoring.alerts import alerts
@@ -193,11 +192,7 @@ def prometheus_bin() -> str:
 
 @pytest.fixture(scope="module")
 def obs_collection(store, embedder):
-    from rag.ingest import Document, ingest, iter_demo
-
-    name = "obs_" + uuid.uuid4().hex[:10]
-    docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=80)]
-    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    name = ingest_demo(store, embedder, "obs", 80)
     yield name
     store.drop_collection(name)
 

@@ -12,14 +12,13 @@ content type), no schema-valid request rejected, a 405 with `Allow` for undeclar
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from helpers import cpu_app_config, free_port, ray_cluster, wait_ready
+from helpers import cpu_app_config, free_port, ingest_demo, ray_cluster, wait_ready
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import (
@@ -163,11 +162,7 @@ schema = schemathesis.openapi.from_dict(LIVE_SPEC, config=SchemathesisConfig.fro
 
 @pytest.fixture(scope="module")
 def st_collection(store, embedder):
-    from rag.ingest import Document, ingest, iter_demo
-
-    name = "st_" + uuid.uuid4().hex[:10]
-    docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=60)]
-    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    name = ingest_demo(store, embedder, "st", 60)
     yield name
     store.drop_collection(name)
 

@@ -18,14 +18,21 @@ import json
 import socket
 import threading
 import time
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
-from helpers import QUERIES, cpu_app_config, free_port, in_process_batching, ray_cluster, wait_ready
+from helpers import (
+    QUERIES,
+    cpu_app_config,
+    free_port,
+    in_process_batching,
+    ingest_demo,
+    ray_cluster,
+    wait_ready,
+)
 
 from rag.errors import InvalidInput, StageTimeout
 
@@ -187,11 +194,8 @@ COST_CAP = 100_000  # tokens: the big request (~54,000) is under it, 60 x 8,000 
 @pytest.fixture(scope="module")
 def fair_app(store, embedder, db_url, state_dir) -> Any:
     from deployments.launch import deploy
-    from rag.ingest import Document, ingest, iter_demo
 
-    name = "fair_" + uuid.uuid4().hex[:10]
-    docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=120)]
-    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    name = ingest_demo(store, embedder, "fair", 120)
     cfg = cpu_app_config(
         db_url,
         state_dir,

@@ -13,14 +13,13 @@ import json
 import os
 import threading
 import time
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
-from helpers import QUERIES, cpu_app_config, free_port, ray_cluster
+from helpers import QUERIES, cpu_app_config, free_port, ingest_demo, ray_cluster
 
 pytestmark = pytest.mark.serve
 
@@ -35,11 +34,7 @@ TOP_K = 5
 @pytest.fixture(scope="module")
 def serve_collection(store, embedder):
     """~150 short stdlib docstrings, ingested with rag.ingest into a collection of their own."""
-    from rag.ingest import Document, ingest, iter_demo
-
-    name = "serve_" + uuid.uuid4().hex[:10]
-    docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=150)]
-    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    name = ingest_demo(store, embedder, "serve", 150)
     yield name
     store.drop_collection(name)
 

@@ -9,13 +9,12 @@ field with no tag, or with a tag and no non-default value here, fails a test.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import cpu_app_config, free_port, ray_cluster, wait_ready
+from helpers import cpu_app_config, free_port, ingest_demo, ray_cluster, wait_ready
 from pydantic import SecretStr
 
 from rag.settings import STAGES, Settings, field_stages, local_reason
@@ -131,12 +130,9 @@ def reach(store, embedder, db_url, state_dir):
     """The app, deployed the way `rag serve` deploys it: secrets only in the environment Ray's processes
     inherit (never in the config's args, which Ray logs). Yields (values, /info, a /search, leaked secrets)."""
     from deployments.launch import deploy
-    from rag.ingest import Document, ingest, iter_demo
     from rag.settings import SECRETS
 
-    name = "reach_" + uuid.uuid4().hex[:8]
-    docs = [Document(d.doc_id, d.content[:300], d.source, d.metadata) for d in iter_demo(limit=40)]
-    ingest(docs, embedder=embedder, store=store, collection=name, chunk_tokens=96)
+    name = ingest_demo(store, embedder, "reach", 40)
     url = db_url.replace("postgres:@", f"postgres:{DB_PASSWORD}@", 1)
     assert DB_PASSWORD in url, "the test database URL has an unexpected form"
     values = {**NON_DEFAULT, "database_url": url, "data_dir": str(state_dir), "collection": name}
