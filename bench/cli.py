@@ -293,6 +293,13 @@ def soak(
         str, typer.Option(help="The running app (127.0.0.1/localhost only).")
     ] = "http://127.0.0.1:8000",
     duration: Annotated[float, typer.Option(help="Seconds of load (issue 12's soak: 600).")] = 600.0,
+    warmup: Annotated[
+        float,
+        typer.Option(help="Seconds of the same load first, not recorded; the RSS baseline is after it."),
+    ] = 60.0,
+    queries: Annotated[
+        int, typer.Option(help="Distinct queries (docstring first lines, demo corpus).")
+    ] = 100,
     concurrency: Annotated[int, typer.Option(help="Closed-loop clients.")] = 4,
     documents: Annotated[int, typer.Option(help="Documents per rerank-route call.")] = 20,
     fetch_k: Annotated[int, typer.Option(help="Candidates per /search.")] = 100,
@@ -313,6 +320,8 @@ def soak(
     r = sk.run(
         url=url,
         duration=duration,
+        warmup=warmup,
+        queries=queries,
         concurrency=concurrency,
         documents=documents,
         top_k=top_k,

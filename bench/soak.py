@@ -7,7 +7,12 @@ requests, statuses, p50/p99 latency; overall: 5xx that are not deliberate (a 503
 deliberate: the service shedding load), and each Serve replica's resident memory at start and end, read
 from ``/proc`` (the replicas run on this machine; process titles ``ray::ServeReplica:<app>:<deployment>``).
 
-Target (issue 12): no 5xx other than deliberate 503s, RSS growth < 10% per replica.
+Queries: the summary line of ``queries`` stdlib docstrings (the demo corpus), so most rerank pairs are new to
+the score cache rather than 6 queries answered from it. RSS: the baseline is taken after ``warmup`` seconds of
+the same load (allocator arenas, tokenizer and score caches fill first), then sampled every ``sample_s``; the
+timeline shows whether memory plateaus or keeps climbing.
+
+Target (issue 12): no 5xx other than deliberate 503s, RSS growth < 10% per replica after warm-up.
 """
 
 from __future__ import annotations
@@ -99,10 +104,13 @@ async def _load(
     top_k: int,
     fetch_k: int,
     seed: int,
+    sample_s: float = 30.0,
 ) -> dict[str, Any]:
     import httpx
 
     routes, weights = list(MIX), list(MIX.values())
+    t_start = time.perf_counter()
+    timeline: list[dict[str, Any]] = []
     lat: dict[str, list[float]] = defaultdict(list)
     statuses: dict[str, Counter[str]] = defaultdict(Counter)
     undeliberate: list[str] = []
@@ -126,8 +134,16 @@ async def _load(
             if r.status_code >= 500 and not _deliberate(r.status_code, r.headers):
                 undeliberate.append(f"{route}: {r.status_code} {r.text[:200]}")
 
+    async def sampler() -> None:
+        while True:
+            mb = {k: round(v / 2**20, 1) for k, v in replica_rss().items()}
+            timeline.append({"t_s": round(time.perf_counter() - t_start), "rss_mb": mb})
+            if time.perf_counter() + sample_s > end:
+                return
+            await asyncio.sleep(sample_s)
+
     async with httpx.AsyncClient(timeout=120) as http:
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+        await asyncio.gather(sampler(), *(client(i, http) for i in range(concurrency)))
     per_route = {
         route: {
             "requests": sum(statuses[route].values()),
@@ -137,7 +153,7 @@ async def _load(
         }
         for route in routes
     }
-    return {"routes": per_route, "undeliberate_5xx": undeliberate}
+    return {"routes": per_route, "undeliberate_5xx": undeliberate, "rss_timeline": timeline}
 
 
 def _candidates(url: str, headers: dict[str, str], queries: list[str], n: int) -> dict[str, list[str]]:
@@ -155,10 +171,27 @@ def _candidates(url: str, headers: dict[str, str], queries: list[str], n: int) -
     return out
 
 
+def demo_queries(n: int) -> list[str]:
+    """The summary line of ``n`` stdlib docstrings (demo corpus; after the name line): distinct queries."""
+    from rag.ingest import iter_demo
+
+    out: list[str] = []
+    for d in iter_demo(limit=4 * n):
+        paras = d.content.strip().split("\n\n")
+        line = paras[1].strip().splitlines()[0].strip() if len(paras) > 1 else ""
+        if 20 <= len(line) <= 200 and line not in out:
+            out.append(line)
+        if len(out) == n:
+            break
+    return out or FALLBACK_QUERIES
+
+
 def run(
     *,
     url: str,
     duration: float,
+    warmup: float,
+    queries: int,
     concurrency: int,
     documents: int,
     top_k: int,
@@ -168,13 +201,16 @@ def run(
 ) -> dict[str, Any]:
     _check_loopback(url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    queries = FALLBACK_QUERIES
-    say(f"soak: candidates for {len(queries)} queries from {url}")
-    docs = _candidates(url, headers, queries, documents)
+    qs = demo_queries(queries)
+    say(f"soak: candidates for {len(qs)} queries from {url}")
+    docs = _candidates(url, headers, qs, documents)
+    if warmup > 0:
+        say(f"soak: {warmup:.0f}s warm-up (not recorded)")
+        asyncio.run(_load(url, headers, qs, docs, concurrency, warmup, top_k, fetch_k, seed + 1))
     rss_start = replica_rss()
     say(f"soak: {concurrency} clients for {duration:.0f}s, mix {MIX}; {len(rss_start)} replicas seen")
     t0 = time.perf_counter()
-    load = asyncio.run(_load(url, headers, queries, docs, concurrency, duration, top_k, fetch_k, seed))
+    load = asyncio.run(_load(url, headers, qs, docs, concurrency, duration, top_k, fetch_k, seed))
     wall = time.perf_counter() - t0
     rss_end = replica_rss()
     rss = {
@@ -192,6 +228,8 @@ def run(
         "machine": machine_info(),
         "url": url,
         "duration_s": round(wall, 1),
+        "warmup_s": warmup,
+        "queries": len(qs),
         "concurrency": concurrency,
         "documents": documents,
         "mix": MIX,
@@ -210,7 +248,8 @@ def run(
 def summary(r: dict[str, Any]) -> str:
     lines = [
         f"soak on {r['machine'].get('cpu_model')}: {r['requests']} requests in {r['duration_s']}s, "
-        f"{r['concurrency']} clients, {r['documents']} documents per rerank call",
+        f"{r['concurrency']} clients, {r['queries']} distinct queries, {r['documents']} documents per rerank "
+        f"call, after {r['warmup_s']:.0f}s of warm-up",
         f"{'route':<18} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8}  statuses",
     ]
     for route, s in r["routes"].items():

@@ -52,3 +52,9 @@ def test_replica_rss_finds_a_process_titled_like_a_replica() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_demo_queries_are_distinct_sentences() -> None:
+    qs = soak.demo_queries(50)
+    assert len(qs) == 50 == len(set(qs))
+    assert all(" " in q and "\n" not in q and 20 <= len(q) <= 200 for q in qs), qs[:5]
