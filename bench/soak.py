@@ -69,7 +69,8 @@ def replica_rss() -> dict[str, int]:
             )
         except (OSError, StopIteration, ValueError):
             continue
-        deployment = title.split(":")[-1].split()[0]
+        # "ray::ServeReplica:rag:Reranker", or "...Reranker.handle_request_with_rejection" while it works
+        deployment = title.split(":")[-1].split()[0].split(".")[0]
         out[f"{deployment}#{proc.name}"] = rss
     return out
 

@@ -41,7 +41,14 @@ def test_deliberate_means_503_with_retry_after() -> None:
 
 def test_replica_rss_finds_a_process_titled_like_a_replica() -> None:
     # Ray titles a replica's worker "ray::ServeReplica:<app>:<deployment>"; exec -a gives a process that title.
-    proc = subprocess.Popen(["bash", "-c", 'exec -a "ray::ServeReplica:soaktest:FakeStage" sleep 30'])
+    # ...and appends the method it runs while busy: the deployment's name must not change with it.
+    proc = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            'exec -a "ray::ServeReplica:soaktest:FakeStage.handle_request_with_rejection" sleep 30',
+        ]
+    )
     try:
         deadline = time.monotonic() + 10
         while (key := f"FakeStage#{proc.pid}") not in (found := soak.replica_rss()):
