@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -451,13 +452,20 @@ def quantize_ir(xml: Path, dest: Path, sample: list[dict[str, np.ndarray]], name
         for op in model.get_ops()
         if op.get_type_name() == "MatMul" and ".encoder." not in op.get_friendly_name()
     ]
-    qm = nncf.quantize(
-        model,
-        data,
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(sample),
-        ignored_scope=nncf.IgnoredScope(names=head, validate=False),
-    )
+    # NNCF logs and draws progress bars on stdout; stdout belongs to the caller (`rag query --json`): stderr
+    from nncf.common.logging import nncf_logger
+
+    for h in nncf_logger.handlers:
+        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__):
+            h.setStream(sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):
+        qm = nncf.quantize(
+            model,
+            data,
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(sample),
+            ignored_scope=nncf.IgnoredScope(names=head, validate=False),
+        )
     dest.parent.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.parent.name + ".", dir=dest.parent.parent))
     try:
