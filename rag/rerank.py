@@ -92,8 +92,9 @@ class CrossEncoderReranker:
     ``screen`` picks the screen's precision: ``"fp32"`` (no refine needed), ``"bf16"``, ``"int8"`` (OpenVINO
     on CPU: an NNCF post-training-quantized copy of the IR, calibrated once on (query, passage) pairs of the
     stdlib demo corpus and cached next to the IR), or ``"auto"``: the ``dtype`` rule, and, when ``dtype`` is
-    ``"auto"`` too and NNCF is installed, int8 if a one-off micro-measurement (cached with the IR) finds it
-    faster than that float screen on this CPU. The fp32 refine of each query's head is the same for all.
+    ``"auto"`` too, NNCF is installed and the CPU has no native bf16 (where it has, bf16 won every
+    measurement), int8 if a one-off micro-measurement (cached with the IR) finds it faster than fp32 here.
+    The fp32 refine of each query's head is the same for all.
     """
 
     enabled = True
@@ -161,10 +162,15 @@ class CrossEncoderReranker:
             and sort
             and self.device == "cpu"
             and self.runtime == "openvino"
+            # With native bf16 the bf16 screen won every measurement (docs/BENCHMARKS.md, int8 section): the
+            # int8 screen's larger error sends 3-4x more pairs to the fp32 refine. Measure int8 against fp32.
+            and self.dtype == "float32"
             and nncf_available()
         )
         self.screen = "int8" if screen == "int8" else self.dtype
         self.screen_choice = f"rerank_screen={screen}" + ("" if screen != "auto" else f" -> {self.dtype}")
+        if screen == "auto" and self.dtype == "bfloat16":
+            self.screen_choice += " (native bf16 measured faster than the int8 screen: int8 not tried)"
         self.screen_speed_ms: dict[str, float] = {}
         self.refine_top = refine_top if (sort and self.screen != "float32") else 0
         self.refine_margin = refine_margin

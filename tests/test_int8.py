@@ -134,3 +134,15 @@ def test_prebuilt_ir_dir_is_read_not_written(settings, int8_reranker, tmp_path, 
     assert not list(writable.rglob("model.xml"))  # nothing converted or quantized again
     pairs = [("what is a heap", "heapq: heap queue algorithm")]
     assert r.score(pairs) == pytest.approx(int8_reranker.score(pairs), abs=1e-6)
+
+
+def test_auto_tries_int8_only_without_native_bf16(settings, tmp_path):
+    """With native bf16 the bf16 screen won every measurement (docs/BENCHMARKS.md): auto does not quantize."""
+    from rag.accel import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16: auto measures int8 against fp32 here")
+    r = _reranker(settings, cache_dir=tmp_path, device="cpu")
+    assert r.info()["screen"] == "bfloat16" and "int8" not in r.engine.precisions
+    assert "int8 not tried" in r.info()["screen_choice"]
+    assert not list(tmp_path.rglob("int8-*")), "auto quantized although it will not use int8"
