@@ -267,7 +267,9 @@ class OpenAIEmbeddingsResponse(BaseModel):
 # config values in the OpenAPI schema, so a client (or schemathesis) reads them from /openapi.json. One rule,
 # two readers: nothing here is a number of its own.
 TEXT_PATTERN = r"^[^\x00]*$"  # no NUL (lone surrogates are not valid UTF-8, so never valid JSON text here)
-QUERY_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # ... and not blank
+# ... and not blank by Python's str.isspace (the service's rule), which counts \x1c-\x1f and \x85 too
+_PY_SPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+QUERY_PATTERN = rf"^[^\x00]*[^\x00{_PY_SPACE}][^\x00]*$"
 Keywords = dict[str, dict[str, Any]]  # JSON type ("string", "array", "integer") -> keywords for it
 
 

@@ -178,6 +178,7 @@ class Load:
     def __init__(self, url: str) -> None:
         self.url, self.stop, self.in_flight, self.errors = url, threading.Event(), 0, []
         self._lock = threading.Lock()
+        self.retried = 0  # 503 + Retry-After answers, retried after the wait
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)]
 
     def _run(self, i: int) -> None:
@@ -189,7 +190,11 @@ class Load:
                     self.in_flight += DOCS_PER_REQUEST
                 try:
                     r = c.post(self.url + "/rerank", json={"query": f"fox {i} {n}", "texts": DOCS})
-                    if r.status_code != 200:
+                    if r.status_code == 503 and "retry-after" in r.headers:
+                        # deliberate: while a redeploy replaces the only replica, the breaker answers at once
+                        self.retried += 1
+                        time.sleep(float(r.headers["retry-after"]))
+                    elif r.status_code != 200:
                         self.errors.append(f"{r.status_code}: {r.text[:200]}")
                 finally:
                     with self._lock:
