@@ -577,8 +577,18 @@ def test_counters_match_the_traffic(prometheus, traffic):
         )
     }
     assert ingress == {k: float(v) for k, v in by_status.items()}, (ingress, by_status)
-    pairs = prometheus.value(f"sum({series('rag_rerank_batch_pairs', '_sum')}{{{sel}}})")
-    assert pairs >= reasons[None] * OBS_FETCH_K  # every reranked search scored fetch_k pairs (+ probes)
+    # Every reranked search scored fetch_k pairs (+ probes). Ray's _sum is rebuilt from bucket midpoints
+    # (_ray_midpoint), which can undercount batches of exactly fetch_k; each bucket's upper bound cannot.
+    cumulative = sorted(
+        (float(r["metric"]["le"]), float(r["value"][1]))
+        for r in prometheus.query(f"sum by (le) ({series('rag_rerank_batch_pairs', '_bucket')}{{{sel}}})")
+    )
+    finite = [(le, n) for le, n in cumulative if math.isfinite(le)]
+    assert cumulative and cumulative[-1][1] == finite[-1][1], "a batch above the largest pairs bucket"
+    at_most = sum(
+        le * (n - prev) for (le, n), (_, prev) in zip(finite, [(0.0, 0.0), *finite[:-1]], strict=True)
+    )
+    assert at_most >= reasons[None] * OBS_FETCH_K, (at_most, cumulative)
     items = prometheus.value(f"sum({series('rag_rerank_batch_requests', '_sum')}{{{sel}}})")
     batches = prometheus.value(f"sum({series('rag_rerank_batch_requests', '_count')}{{{sel}}})")
     assert items > batches, "no Reranker batch ever merged two requests"
