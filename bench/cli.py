@@ -30,6 +30,7 @@ DatasetOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout.")]
+UrlOpt = Annotated[str, typer.Option(help="The running app (127.0.0.1/localhost only).")]
 OutOpt = Annotated[Path | None, typer.Option(help="Also write the JSON result to this file.")]
 
 
@@ -196,9 +197,7 @@ def store(
 
 @app.command()
 def serve(
-    url: Annotated[
-        str, typer.Option(help="The running app (127.0.0.1/localhost only).")
-    ] = "http://127.0.0.1:8000",
+    url: UrlOpt = "http://127.0.0.1:8000",
     metrics_url: Annotated[
         str | None,
         typer.Option(help="Ray metrics endpoint (default: http://127.0.0.1:RAG_METRICS_PORT/metrics)."),
@@ -289,9 +288,7 @@ def cache(
 
 @app.command()
 def soak(
-    url: Annotated[
-        str, typer.Option(help="The running app (127.0.0.1/localhost only).")
-    ] = "http://127.0.0.1:8000",
+    url: UrlOpt = "http://127.0.0.1:8000",
     duration: Annotated[float, typer.Option(help="Seconds of load (issue 12's soak: 600).")] = 600.0,
     warmup: Annotated[
         float,
