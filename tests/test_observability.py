@@ -270,7 +270,7 @@ class Prom:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=30)
         body = r.json()
         assert r.status_code == 200 and body["status"] == "success", f"{expr}\n-> {r.status_code} {body}"
-        assert body["data"]["resultType"] == "vector", expr
+        assert body["data"]["resultType"] in ("vector", "matrix"), expr
         return body["data"]["result"]
 
     def value(self, expr: str) -> float | None:
@@ -375,7 +375,20 @@ def traffic(obs_app, prometheus) -> Traffic:
     from concurrent.futures import ThreadPoolExecutor
 
     t, url = Traffic(), obs_app.url
-    for q in OBS_QUERIES[:3]:
+    t.search(url, "reranked", {"query": OBS_QUERIES[0]})
+    # Prometheus must hold each stage's histogram before the rest of the traffic: rate() ignores the value a
+    # series first appears with, so traffic that all lands before the first export (Ray exports every few
+    # seconds) would read as a rate of 0 and a p50 of NaN (seen in CI: "embed: no p50").
+    deadline = time.monotonic() + 60
+    stages = ("embed", "retrieve", "rerank", "total")
+    sel = f'application="{OBS_APP}"'
+    while any(
+        prometheus.value(f'sum({series("rag_stage_latency_ms", "_count")}{{{sel},stage="{s}"}})') is None
+        for s in stages
+    ):
+        assert time.monotonic() < deadline, "the first search's stage timings never reached Prometheus"
+        time.sleep(1)
+    for q in OBS_QUERIES[1:3]:
         t.search(url, "reranked", {"query": q})
     with ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda q: t.search(url, "reranked", {"query": q}), OBS_QUERIES * 2))
@@ -528,7 +541,16 @@ def test_latency_panels_agree_with_response_timings(prometheus, traffic):
                 quantile(0.5, "rag_stage_latency_ms", sel, f'stage="{stage}"', window=RATE_WINDOW)
             )
         )
-        assert p50, f"{stage}: no p50"
+        if not p50:  # say why: the bucket rates and how many samples each series holds in the window
+            diag = {
+                q: prometheus.query(q)
+                for q in (
+                    f"sum by (le) (rate({series('rag_stage_latency_ms', '_bucket')}{name}[{RATE_WINDOW}]))",
+                    f"count_over_time({series('rag_stage_latency_ms', '_count')}{name}[{RATE_WINDOW}])",
+                    f"{series('rag_stage_latency_ms', '_count')}{name}[{RATE_WINDOW}]",
+                )
+            }
+            pytest.fail(f"{stage}: no p50; {diag}")
         # histogram_quantile interpolates within a bucket: allow one bucket's width either side
         lo = max([b for b in LATENCY_MS_BUCKETS if b <= min(seen)], default=0)
         hi = min([b for b in LATENCY_MS_BUCKETS if b >= max(seen)], default=math.inf)
