@@ -28,6 +28,13 @@ __all__ = ["Embedder", "cpu_supports_bf16", "make_embedder", "pick_device", "pic
 
 log = logging.getLogger(__name__)
 
+# Passes are padded to a multiple of this many tokens. OpenVINO (and oneDNN under it) keep compiled state per
+# input shape, so a service embedding queries of every length grew without end: +103% RSS over 1,500 query
+# batches of 1-8 rows x 2-40 words, against +7% padded to 16, which also ran 1.5x faster by reusing that
+# state (docs/BENCHMARKS.md, "Soak"). The mask keeps the padding out of
+# attention and pooling.
+PAD_MULTIPLE = 16
+
 
 def _hidden_states(model: Any, feeds: dict) -> Any:
     return model(**feeds).last_hidden_state
@@ -153,10 +160,10 @@ class Embedder:
         batches = pack_batches([len(x) for x in ids], self.token_budget)
         done = 0
         for n, b in enumerate(batches):
-            x, mask = pad_batch(ids, b, self.pad_id)
+            x, mask = pad_batch(ids, b, self.pad_id, PAD_MULTIPLE)
             feeds = {"input_ids": x, "attention_mask": mask}
             if "token_type_ids" in self.names:
-                feeds["token_type_ids"] = pad_batch(enc["token_type_ids"], b, 0)[0]
+                feeds["token_type_ids"] = pad_batch(enc["token_type_ids"], b, 0, PAD_MULTIPLE)[0]
             h = self._engine(feeds)  # (rows, width, dim) float32
             if self._pooling == "cls":
                 v = h[:, 0]

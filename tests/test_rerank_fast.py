@@ -152,6 +152,33 @@ def test_embedder_fast_path_equals_encode(embedder):
     np.testing.assert_allclose(embedder.embed_query(texts[2]), got[2], atol=1e-5)
 
 
+def test_embedder_pads_every_pass_to_a_few_shapes(embedder):
+    """Queries of every length reach the engine as a handful of widths (multiples of PAD_MULTIPLE: OpenVINO
+    keeps state per shape, so one width per length made the Embedder's memory grow without end), and the
+    padding changes no embedding."""
+    from rag.embed import PAD_MULTIPLE
+
+    if embedder._engine is None:
+        pytest.skip("plain sentence-transformers path: no packed passes")
+    widths: list[int] = []
+    real = embedder._engine
+
+    def spy(feeds):
+        widths.append(feeds["input_ids"].shape[1])
+        return real(feeds)
+
+    queries = [" ".join(["wing"] * n) for n in range(1, 40)]
+    embedder._engine = spy
+    try:
+        got = np.stack([embedder.embed_query(q) for q in queries])
+    finally:
+        embedder._engine = real
+    assert PAD_MULTIPLE >= 8 and widths and all(w % PAD_MULTIPLE == 0 for w in widths), widths
+    assert len(set(widths)) <= -(-max(widths) // PAD_MULTIPLE), sorted(set(widths))
+    plain = embedder.model.encode(queries, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(got, plain, atol=2e-5)
+
+
 def test_embedder_bf16_stays_close(settings, embedder):
     from rag.embed import Embedder
 
