@@ -220,6 +220,17 @@ def _served_candidates(
     return out if all(out) else None
 
 
+def _score_cache_on(url: str) -> bool:
+    """Whether the app's Reranker caches scores (GET /info); False when /info does not say."""
+    import httpx
+
+    try:
+        info = httpx.get(url.rstrip("/") + "/info", timeout=10).json()
+        return bool(info["stages"]["reranker"]["score_cache"]["enabled"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _inprocess(
     settings: Any,
     dataset: Any,
@@ -359,6 +370,15 @@ def run(
     probe = httpx.post(url.rstrip("/") + "/search", json={**body, "query": queries[0]}, timeout=timeout)
     if probe.status_code != 200:
         raise ConfigError(f"/search answered {probe.status_code}: {probe.text[:300]}")
+    cache_on = _score_cache_on(url)
+    if cache_on:
+        say(
+            "WARNING: the app's rerank score cache is on and the load repeats its queries, so after the "
+            "first round /search reads cached scores: latencies are not the reranker's and the c=1 "
+            "comparison with the in-process reranker is left out. Restart the app with "
+            "RAG_RERANK_CACHE=false to measure it.",
+            quiet=quiet,
+        )
     out: list[dict[str, Any]] = []
     for c in levels:
         say(f"concurrency {c}: {warmup:.0f} s warm-up + {duration:.0f} s ...", quiet=quiet)
@@ -383,12 +403,13 @@ def run(
         "top_k": top_k,
         "levels": out,
         "inprocess": ref,
+        "score_cache_on": cache_on,
     }
     top_level = max(out, key=lambda x: x["concurrency"])
     c1 = next((x for x in out if x["concurrency"] == 1), None)
     if ref:
         result["served_vs_inprocess_pairs"] = round(top_level["served_pairs_per_s"] / ref["pairs_per_s"], 3)
-        if c1:
+        if c1 and not cache_on:
             result["c1_p50_minus_rerank_p50_ms"] = round(c1["p50_ms"] - ref["p50_ms"], 1)
     if c1 and c1["server_stage_p50_ms"].get("rerank"):
         # what serving adds around the reranker call: stage 1, the ingress and HTTP
@@ -431,5 +452,7 @@ def summary(r: dict[str, Any]) -> str:
             "c=1 p50 - the ingress's rerank-stage p50 (stage 1 + ingress + HTTP): "
             f"{r['c1_p50_minus_served_rerank_stage_p50_ms']} ms"
         )
+    if r.get("score_cache_on"):
+        lines.append("score cache ON: repeated queries read cached scores (restart: RAG_RERANK_CACHE=false)")
     lines.append(f"saved {r['json_path']} and {r['png_path']}")
     return "\n".join(lines)
