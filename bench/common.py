@@ -70,6 +70,14 @@ def cpu_busy(seconds: float = 0.5) -> float:
     return (b[0] - a[0]) / (b[1] - a[1])
 
 
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident bytes of a process on this machine (``VmRSS`` in /proc); OSError when it is gone."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no VmRSS for process {pid}")
+
+
 def load_now() -> dict[str, float]:
     """Load averages and the busy fraction right now: recorded next to every figure."""
     la = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3

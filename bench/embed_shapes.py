@@ -17,11 +17,6 @@ import random
 import time
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 1e6
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=3000)
@@ -30,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import rag.embed
-    from bench.common import machine_info
+    from bench.common import machine_info, rss_bytes
     from rag.embed import make_embedder
     from rag.settings import get_settings
 
@@ -43,14 +38,14 @@ def main() -> None:
     t0 = time.perf_counter()
     for i in range(args.batches):
         if i % 250 == 0:
-            timeline.append((i, round(rss_mb(), 1), round(time.perf_counter() - t0, 1)))
+            timeline.append((i, round(rss_bytes() / 1e6, 1), round(time.perf_counter() - t0, 1)))
             if not args.json:
                 print(f"batch {i:>5}: RSS {timeline[-1][1]:8.1f} MB, {timeline[-1][2]:6.1f} s", flush=True)
         rows = rng.randint(1, 8)
         emb.embed_queries(
             [" ".join(rng.choice(words) for _ in range(rng.randint(2, 40))) for _ in range(rows)]
         )
-    timeline.append((args.batches, round(rss_mb(), 1), round(time.perf_counter() - t0, 1)))
+    timeline.append((args.batches, round(rss_bytes() / 1e6, 1), round(time.perf_counter() - t0, 1)))
     base = timeline[1][1] if len(timeline) > 1 else timeline[0][1]
     result = {
         "machine": machine_info(),

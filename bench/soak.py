@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_info, pct, say
+from bench.common import machine_info, pct, rss_bytes, say
 from bench.serve import FALLBACK_QUERIES, _check_loopback
 
 __all__ = ["MIX", "replica_rss", "run", "summary"]
@@ -62,12 +62,8 @@ def replica_rss() -> dict[str, int]:
             title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             if not title.startswith("ray::ServeReplica:"):
                 continue
-            rss = next(
-                int(line.split()[1]) * 1024
-                for line in (proc / "status").read_text().splitlines()
-                if line.startswith("VmRSS:")
-            )
-        except (OSError, StopIteration, ValueError):
+            rss = rss_bytes(proc.name)
+        except (OSError, ValueError):
             continue
         # "ray::ServeReplica:rag:Reranker", or "...Reranker.handle_request_with_rejection" while it works
         deployment = title.split(":")[-1].split()[0].split(".")[0]

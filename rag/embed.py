@@ -29,10 +29,10 @@ __all__ = ["Embedder", "cpu_supports_bf16", "make_embedder", "pick_device", "pic
 log = logging.getLogger(__name__)
 
 # Passes are padded to a multiple of this many tokens. OpenVINO (and oneDNN under it) keep compiled state per
-# input shape, so a service embedding queries of every length grew without end: +103% RSS over 1,500 query
-# batches of 1-8 rows x 2-40 words, against +7% padded to 16, which also ran 1.5x faster by reusing that
-# state (docs/BENCHMARKS.md, "Soak"). The mask keeps the padding out of
-# attention and pooling.
+# input shape, so a service embedding queries of every length grew without end: +42.6% RSS over 3,000 query
+# batches unpadded, +0.4% padded to 16, which also ran 1.25x faster by reusing that state
+# (`python -m bench.embed_shapes`; docs/BENCHMARKS.md, "Soak"). The mask keeps the padding out of attention
+# and pooling.
 PAD_MULTIPLE = 16
 
 
