@@ -2,8 +2,14 @@
 
 A failure that says a stage has no live replica (``looks_dead``) opens its ``Breaker``; while it is open the
 stage's calls fail at once with ``refusal()`` instead of waiting in Serve's router for a new replica. The
-service's probe (the stage's ``ready()`` every ``PROBE_EVERY_S``) closes it. ``running_replicas`` asks
-Serve's controller how many replicas of each deployment serve (a call pending past ``SUSPECT_AFTER_S``).
+service's probe (the stage's ``ready()`` every ``PROBE_EVERY_S``) closes it.
+
+Two views say whether a pending call's stage still has a replica. ``routable_replicas`` reads the handle's own
+router (in this process, free to ask every ``WATCH_EVERY_S``): Serve's router drops a replica the moment a
+call to it fails with ActorDiedError, then holds every later request until the controller reports a new one,
+so an empty router means a dead stage at once. ``running_replicas`` asks Serve's controller (a call pending
+past ``SUSPECT_AFTER_S``); the controller notices a death only at its next health check (seconds).
+Both assume a stage is never scaled to zero on purpose (``min_replicas`` >= 1, as the shipped configs have).
 """
 
 from __future__ import annotations
@@ -20,14 +26,17 @@ __all__ = [
     "PROBE_EVERY_S",
     "STATUS_MAX_AGE_S",
     "SUSPECT_AFTER_S",
+    "WATCH_EVERY_S",
     "Breaker",
     "looks_dead",
+    "routable_replicas",
     "running_replicas",
 ]
 
 log = logging.getLogger("ray.serve")
 
 PROBE_EVERY_S = 1.0  # an open breaker asks its stage's ready() this often
+WATCH_EVERY_S = 0.2  # a pending call reads its handle's router this often (a dict in this process)
 SUSPECT_AFTER_S = 1.0  # a call pending this long asks Serve's controller whether its stage has a replica
 STATUS_MAX_AGE_S = 0.5  # the controller's answer is shared by the calls within this long
 LIVE_STATES = ("RUNNING", "UPDATING", "PENDING_MIGRATION")  # replicas that serve (UPDATING: user_config)
@@ -100,3 +109,19 @@ def running_replicas() -> dict[tuple[str, str], int]:
             states = {getattr(k, "value", k): v for k, v in (dep.replica_states or {}).items()}
             out[(app_name, name)] = sum(int(states.get(k, 0)) for k in LIVE_STATES)
     return out
+
+
+def routable_replicas(handle: object) -> int | None:
+    """Replicas ``handle``'s router would send a request to now; None where that is unknown.
+
+    Unknown: a fake handle, a router not started or not yet told its replicas by the controller, or a Ray
+    whose router is laid out differently (this reads Ray 2.60's ``AsyncioRouter._request_router``, never
+    creating it; tests/test_chaos.py checks it on a live app, so an upgrade that moves it fails there)."""
+    try:
+        router = handle._router._asyncio_router  # type: ignore[attr-defined]
+        if not router.running_replicas_populated():
+            return None
+        request_router = router._request_router
+        return None if request_router is None else len(request_router.curr_replicas)
+    except Exception:  # any other layout: no verdict
+        return None

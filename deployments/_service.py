@@ -13,8 +13,10 @@ the database's own ``StoreUnavailable``) instead of queueing in Serve's router u
 policy hears that as any other rerank failure (dense order, ``reason="reranker_error"``); embed and retrieve
 answer 503 + Retry-After. A background probe (the stage's ``ready()``, every ``PROBE_EVERY_S``) closes it.
 Serve's router does not fail a request while a deployment has no replica, it holds it until a new one is up,
-so a call still pending asks the controller every ``SUSPECT_AFTER_S`` (``serve.status``, shared for
-``STATUS_MAX_AGE_S``); no live replica opens the breaker and fails that call too.
+so a call still pending reads its handle's router every ``WATCH_EVERY_S`` (empty once a call to the dead
+replica failed: at once) and, past ``SUSPECT_AFTER_S``, asks the controller too (``serve.status``, shared for
+``STATUS_MAX_AGE_S``: it sees a death only at its next health check); no live replica opens the breaker and
+fails that call too.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from deployments._breaker import (
     PROBE_EVERY_S,
     STATUS_MAX_AGE_S,
     SUSPECT_AFTER_S,
+    WATCH_EVERY_S,
     Breaker,
     looks_dead,
+    routable_replicas,
     running_replicas,
 )
 from rag.errors import (
@@ -154,9 +158,14 @@ class SearchService:
                 continue
             b.close()
 
-    async def _no_live_replica(self, stage: str) -> bool:
-        """True only when Serve's controller says the stage's deployment has no live replica."""
+    async def _no_live_replica(self, stage: str, pending_s: float) -> bool:
+        """True only when the handle's router holds no replica, or (a call pending past ``SUSPECT_AFTER_S``)
+        Serve's controller says the stage's deployment has none."""
         handle = self._probe_target(stage)
+        if routable_replicas(handle) == 0:
+            return True
+        if pending_s < SUSPECT_AFTER_S:
+            return False
         key = (getattr(handle, "app_name", None), getattr(handle, "deployment_name", None))
         if not all(isinstance(k, str) for k in key):  # a fake handle (tests): nothing to ask
             return False
@@ -176,13 +185,14 @@ class SearchService:
         """``await response`` within ``timeout_s``; fail at once if the stage turns out to have no replica."""
         task = asyncio.ensure_future(_awaited(response))
         try:
-            deadline = time.monotonic() + timeout_s
-            # every SUSPECT_AFTER_S while pending: the controller may take a few seconds to see a death
-            while stage in self.breakers and deadline - time.monotonic() > SUSPECT_AFTER_S:
-                done, _ = await asyncio.wait({task}, timeout=SUSPECT_AFTER_S)
+            start = time.monotonic()
+            deadline = start + timeout_s
+            # every WATCH_EVERY_S while pending: the router knows a death at once, the controller in seconds
+            while stage in self.breakers and deadline - time.monotonic() > WATCH_EVERY_S:
+                done, _ = await asyncio.wait({task}, timeout=WATCH_EVERY_S)
                 if done:
                     break
-                if await self._no_live_replica(stage):
+                if await self._no_live_replica(stage, time.monotonic() - start):
                     if hasattr(response, "cancel"):
                         response.cancel()
                     err = StageUnavailable(

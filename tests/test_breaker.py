@@ -6,7 +6,7 @@ import pytest
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-from deployments._breaker import PROBE_EVERY_S, Breaker, looks_dead
+from deployments._breaker import PROBE_EVERY_S, Breaker, looks_dead, routable_replicas
 from deployments._service import as_rag_error
 from rag.errors import Overloaded, StageTimeout, StageUnavailable, StoreUnavailable
 
@@ -64,3 +64,11 @@ def test_a_database_outage_is_refused_as_the_database_error() -> None:
     err = b.refusal()
     assert isinstance(err, StoreUnavailable) and "database unreachable" in str(err)
     assert not isinstance(err, StageTimeout)
+
+
+def test_a_handle_without_a_readable_router_gives_no_verdict() -> None:
+    class Fake:  # the fakes of the service tests, or a Ray whose router is laid out otherwise
+        _router = None
+
+    assert routable_replicas(object()) is None
+    assert routable_replicas(Fake()) is None

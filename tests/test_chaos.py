@@ -308,17 +308,35 @@ def assert_no_bugs(answers: list[Answer]) -> None:
 # --------------------------------------------------------------------------------------------------
 # replica kills
 # --------------------------------------------------------------------------------------------------
+def test_the_breaker_can_read_a_handles_router(app_url):
+    """The breakers' fast view (``routable_replicas``: Ray 2.60 router internals) works on this Ray: a live
+    handle reports its one replica, not None (which would leave only the controller's slow view)."""
+    from ray import serve
+
+    from deployments._breaker import routable_replicas
+
+    for deployment in ("Embedder", "Retriever", "Reranker"):
+        h = serve.get_deployment_handle(deployment, APP)
+        assert routable_replicas(h) is None  # not started: unknown, never "no replica"
+        h.ready.remote().result(timeout_s=60)
+        deadline = time.monotonic() + 30
+        while routable_replicas(h) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert routable_replicas(h) == 1, deployment
+
+
 def test_reranker_kill_answers_dense_order_at_once(app_url):
     answers, fig = kill_replica_under_load(app_url, "Reranker", "reranker_kill")
     assert_no_bugs(answers)
     assert all(a.status == 200 for a in answers), fig  # dense order, never an error
     degraded = [a for a in answers if a.kind != "reranked"]
     assert degraded and all(a.kind == "dense:reranker_error" for a in degraded), fig
-    # nobody waits for the new replica (~20 s here) or the rerank timeout (30 s): once the breaker is open
-    # (Ray's ActorDiedError, or Serve's controller: no live replica), dense order comes at once
+    # nobody waits for the new replica (~20 s here), the rerank timeout (30 s) or Serve's controller to see
+    # the death (its next health check: up to ~9 s on a busy machine): the handle's router drops the dead
+    # replica on the first call to it, the breaker reads that within WATCH_EVERY_S, dense order comes at once
     fast = [a for a in degraded if a.seconds < 1.0]
-    assert len(fast) >= len(degraded) / 2, fig
-    assert fig["slowest_s"] < 25, fig
+    assert len(fast) >= 0.75 * len(degraded), fig
+    assert fig["slowest_s"] < SLOW_S, fig
 
 
 @pytest.mark.parametrize("deployment", ["Embedder", "Retriever"])
