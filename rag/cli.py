@@ -93,10 +93,10 @@ def db_start() -> None:
     if s.database_url:
         typer.echo("RAG_DATABASE_URL is set: the embedded database is not used.")
         return
-    url = _embedded().start()
+    url = _embedded().start()  # logs a warning when it reconciled the data folder's pgvector version
     from rag.store import migrate
 
-    migrate(url)
+    migrate(url)  # also the CPU self-check: one pgvector distance, a clear error if the server dies on it
     typer.echo(f"embedded PostgreSQL running: {url}")
 
 

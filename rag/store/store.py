@@ -86,7 +86,7 @@ class Store(OwnedCollections, AttachedTables):
         return dict(self.pool.get_stats())
 
     def server_info(self) -> dict[str, Any]:
-        """``{"postgresql": "18.3", "pgvector": "0.8.2", "iterative_scan": True}``."""
+        """``{"postgresql": "18.6", "pgvector": "0.8.1", "iterative_scan": True}``."""
         if self._server is None:
             with self.connection() as conn:
                 self._server = server_info_from_row(conn.execute(SERVER_INFO_SQL).fetchone())
