@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -58,8 +59,6 @@ def _free_port() -> int:
 def _free_range(n: int, lo: int = 20000, hi: int = 32000) -> int:
     """The first port of ``n`` consecutive free ones, below the kernel's ephemeral range and above Ray's
     default worker ports (10002-19999, which other clusters on this machine use)."""
-    import random
-
     for _ in range(200):
         start = random.randrange(lo, hi - n)
         socks = []
@@ -271,7 +270,8 @@ class Cluster:
         if keep_logs is not None and self.root.exists():
             keep_logs.mkdir(parents=True, exist_ok=True)
             for name in self.nodes:
-                shutil.copy(self.root / f"{name}.start.log", keep_logs / f"{name}.start.log")
+                for log in self.root.glob(f"{name}.start*.log"):
+                    shutil.copy(log, keep_logs / log.name)
                 for logs in (self.root / name).glob("session_2*/logs"):
                     dst = keep_logs / name
                     dst.mkdir(parents=True, exist_ok=True)
