@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,11 +28,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
     "DEFAULT_RERANK_MODEL",
+    "SEARCH_MODES",
     "SECRETS",
     "STAGES",
     "EmbedderConfig",
     "RerankerConfig",
     "SearchConfig",
+    "SearchMode",
     "Settings",
     "StageConfig",
     "StoreConfig",
@@ -48,8 +50,11 @@ RerankerBackend = Literal["cross-encoder", "cohere", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Runtime = Literal["auto", "torch", "openvino"]
+SearchMode = Literal["dense", "lexical", "hybrid"]
+LexicalIndexKind = Literal["auto", "bm25", "fts"]
 
 STAGES = ("embedder", "store", "reranker", "search")
+SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 
 
 def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
@@ -101,6 +106,42 @@ class Settings(BaseSettings):
         ge=1.0,
         le=10.0,
         description="ef_search = k x this: the recall margin over k (1.0 = exactly k).",
+    )
+    lexical_index: LexicalIndexKind = _f(
+        "auto",
+        "store",
+        description="Lexical index new collections get: bm25 (pg_textsearch), fts (tsvector + GIN, on every "
+        "PostgreSQL); auto = bm25 where the server has pg_textsearch, else fts.",
+    )
+    text_search_config: str = _f(
+        "english",
+        "store",
+        pattern=r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$",
+        description="PostgreSQL text search configuration (stemming, stop words) of new lexical indexes, "
+        "and of an attached tsvector column whose configuration cannot be read from its definition.",
+    )
+    # hybrid fusion (docs/retrieval.md: how the defaults were chosen)
+    fusion_rrf_k: int = _f(
+        60,
+        "store",
+        ge=1,
+        description="Reciprocal rank fusion's k: a row scores sum(weight / (k + rank)) over the sides "
+        "(dense, lexical) that returned it.",
+    )
+    fusion_depth_factor: float = _f(
+        2.0,
+        "store",
+        ge=1.0,
+        le=10.0,
+        description="Hybrid: each side fetches max(fusion_depth_min, k x this) rows (at most 1000) before "
+        "fusing them down to k.",
+    )
+    fusion_depth_min: int = _f(
+        50, "store", ge=1, le=1000, description="Hybrid: the fewest rows each side fetches."
+    )
+    fusion_dense_weight: float = _f(1.0, "store", ge=0.0, description="Hybrid: RRF weight of the dense side.")
+    fusion_lexical_weight: float = _f(
+        1.0, "store", ge=0.0, description="Hybrid: RRF weight of the lexical side."
     )
 
     # --- models --------------------------------------------------------------------------------
@@ -216,6 +257,12 @@ class Settings(BaseSettings):
 
     # --- retrieval defaults and limits -----------------------------------------------------------
     fetch_k: int = _f(100, "search", ge=1, description="Default stage-1 candidates.")
+    search_mode: SearchMode = _f(
+        "hybrid",
+        "search",
+        description="Default stage-1 mode: dense (pgvector), lexical (BM25 or full-text search) or hybrid "
+        "(both, fused by RRF in one SQL statement); chosen on Cranfield (docs/retrieval.md).",
+    )
     top_k: int = _f(8, "search", ge=1, description="Default results returned.")
     max_fetch_k: int = _f(
         1000, "search", ge=1, le=1000, description="Upper bound on fetch_k (pgvector caps at 1000)."
@@ -356,10 +403,29 @@ class _StoreStage(StageConfig):
             "timeout_s": s.connect_timeout_s,
             "ef_search_min": s.hnsw_ef_search_min,
             "ef_search_factor": s.hnsw_ef_search_factor,
+            "fusion": self.fusion(),
         }
         if writer:
-            kw.update(hnsw_m=s.hnsw_m, hnsw_ef_construction=s.hnsw_ef_construction)
+            kw.update(
+                hnsw_m=s.hnsw_m,
+                hnsw_ef_construction=s.hnsw_ef_construction,
+                lexical_index=s.lexical_index,
+                text_search_config=s.text_search_config,
+            )
         return kw
+
+    def fusion(self) -> Any:
+        """The hybrid fusion settings as ``rag.store.Fusion``."""
+        from rag.store.hybrid import Fusion
+
+        s: Any = self
+        return Fusion(
+            k=s.fusion_rrf_k,
+            dense_weight=s.fusion_dense_weight,
+            lexical_weight=s.fusion_lexical_weight,
+            depth_factor=s.fusion_depth_factor,
+            depth_min=s.fusion_depth_min,
+        )
 
 
 class _SearchStage(StageConfig):

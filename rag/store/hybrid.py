@@ -1,0 +1,243 @@
+"""Lexical and hybrid search: BM25 or full-text search alone, or fused with dense search in one statement.
+
+``plan`` picks the policy for a mode; each is a generator of ``Step``s like ``rag.store.search.plan_search``.
+
+=========== ==========================================================================================
+``dense``   ``plan_search``: pgvector alone (strategies ``hnsw``, ``hnsw+iterative``, ``exact``, ...)
+``lexical`` the lexical side alone: BM25 (``bm25``) or full-text search (``fts``), under the filter; the
+            rows that hold a query term, best first, at most k
+``hybrid``  one statement: a CTE takes the dense top-N, another the lexical top-N (both under the
+            filter), and they are fused by reciprocal rank fusion, ``sum(weight / (rrf_k + rank))`` over
+            the sides that returned a row, cut to k. N = max(depth_min, k x depth_factor), at most 1000.
+            The dense side follows ``plan_search``'s strategies (EXPLAIN first; exact when the filter is
+            selective; re-run exact when the index path returned fewer than N), so a hybrid search has k
+            rows whenever k rows match the filter. ``strategy``: ``hybrid(<dense>, <bm25|fts>)``.
+=========== ==========================================================================================
+
+A collection without a lexical index (an attached table without one) searches ``hybrid`` as ``dense``, and
+refuses ``lexical`` with InvalidInput naming the fix.
+
+Hit keys beyond the dense ones (lexical and hybrid modes only): ``lexical_rank``, the row's rank on the
+lexical side (1 = best; None when only the dense side returned it), and ``fused_score``, the RRF score the
+rows are ordered by (lexical mode: the lexical side's term alone). ``dense_score`` stays the similarity of
+the row's embedding to the query, whichever side found it. Only ranks leave the BM25 side: selecting the
+``<@>`` value would score each row again outside the index (docs/BENCHMARKS.md, hybrid search).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from psycopg import sql
+
+from rag.errors import InvalidInput
+from rag.store.filters import SearchFilter
+from rag.store.lexical import LexicalIndex
+from rag.store.search import (
+    EXACT_ROWS_PER_K,
+    MAX_EF_SEARCH,
+    SearchHits,
+    Step,
+    Target,
+    ann_scan_rows,
+    dense_select,
+    hits_from_rows,
+    plan_search,
+    row_columns,
+    settings_step,
+    where,
+)
+
+__all__ = ["Fusion", "lexical_select", "plan", "plan_hybrid", "plan_lexical"]
+
+MAX_DEPTH = MAX_EF_SEARCH
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Reciprocal rank fusion's settings (``Settings.fusion_*``)."""
+
+    k: int = 60
+    dense_weight: float = 1.0
+    lexical_weight: float = 1.0
+    depth_factor: float = 2.0
+    depth_min: int = 50
+
+    def depth(self, k: int) -> int:
+        """Rows each side fetches for a hybrid search of ``k``."""
+        return min(MAX_DEPTH, max(k, self.depth_min, math.ceil(k * self.depth_factor)))
+
+    def term(self, weight: float, rank: sql.Composable) -> sql.Composable:
+        """``weight / (k + rank)``, 0 where ``rank`` is NULL."""
+        return sql.SQL("coalesce({} / ({} + {}), 0)").format(
+            sql.Literal(float(weight)), sql.Literal(float(self.k)), rank
+        )
+
+
+def _or_query(lex: LexicalIndex) -> sql.Composable:
+    """The query's lexemes joined by OR: ``plainto_tsquery`` ANDs them (its text output quotes every
+    lexeme, so only operators read `` & ``). Parameter: the query text."""
+    return sql.SQL(
+        "(SELECT replace(plainto_tsquery({}::regconfig, %s)::text, ' & ', ' | ')::tsquery)"
+    ).format(sql.Literal(lex.config))
+
+
+def lexical_select(
+    t: Target, lex: LexicalIndex, filt: SearchFilter | None, vector: np.ndarray, text: str, limit: int
+) -> tuple[sql.Composable, list[Any], sql.Composable]:
+    """The lexical side's query (hit columns and distance, best first, ``LIMIT``), its parameters, and the
+    window ordering that numbers its rows by rank."""
+    col = sql.Identifier(lex.column)
+    if lex.method == "bm25":
+        cond, fparams = where(t, filt, dense=False)
+        # ORDER BY the operator alone: the index scan supplies the order without re-scoring any row
+        q = sql.SQL("SELECT {} FROM {}{} ORDER BY {} <@> to_bm25query(%s, %s) LIMIT %s").format(
+            row_columns(t), t.table, cond, col
+        )
+        return q, [vector, *fparams, text, lex.index, limit], sql.SQL("")
+    orq = _or_query(lex)
+    cond, fparams = where(t, filt, dense=False, extra=(sql.SQL("{} @@ {}").format(col, orq), [text]))
+    q = sql.SQL(
+        "SELECT {}, ts_rank({}, {}, 1) AS lexical FROM {}{} ORDER BY lexical DESC, id LIMIT %s"
+    ).format(row_columns(t), col, orq, t.table, cond)
+    return q, [vector, text, *fparams, limit], sql.SQL("ORDER BY lexical DESC, id")
+
+
+_COLS = ("id", "doc_id", "source", "chunk_index", "content", "metadata", "distance")
+
+
+def _fused(
+    t: Target,
+    lex: LexicalIndex,
+    filt: SearchFilter | None,
+    vector: np.ndarray,
+    text: str,
+    k: int,
+    depth: int,
+    fusion: Fusion,
+    *,
+    exact: bool,
+) -> tuple[sql.Composable, list[Any]]:
+    dense, dparams = dense_select(t, filt, exact=exact)
+    lexq, lparams, lorder = lexical_select(t, lex, filt, vector, text, depth)
+    cols = sql.SQL(", ").join(sql.SQL("coalesce(d.{c}, l.{c})").format(c=sql.Identifier(c)) for c in _COLS)
+    q = sql.SQL(
+        "WITH dense AS MATERIALIZED ({dense}), lexical AS MATERIALIZED ({lex}),"
+        " d AS (SELECT *, row_number() OVER (ORDER BY distance, id) AS r FROM dense),"
+        " l AS (SELECT *, row_number() OVER ({lorder}) AS r FROM lexical)"
+        " SELECT {cols}, l.r, {fused} AS fused, (SELECT count(*) FROM dense) AS n_dense"
+        " FROM d FULL JOIN l ON d.id = l.id"
+        " ORDER BY fused DESC, d.r NULLS LAST, l.r NULLS LAST LIMIT %s"
+    ).format(
+        dense=dense,
+        lex=lexq,
+        lorder=lorder,
+        cols=cols,
+        fused=fusion.term(fusion.dense_weight, sql.SQL("d.r"))
+        + sql.SQL(" + ")
+        + fusion.term(fusion.lexical_weight, sql.SQL("l.r")),
+    )
+    return q, [vector, *dparams, depth, *lparams, k]
+
+
+def plan_lexical(
+    t: Target, vector: np.ndarray, text: str, k: int, filt: SearchFilter | None, fusion: Fusion
+) -> Generator[Step, Any, SearchHits]:
+    """The lexical side alone: at most ``k`` rows holding a query term, best first."""
+    lex = _lexical(t)
+    lexq, params, lorder = lexical_select(t, lex, filt, vector, text, k)
+    q = sql.SQL(
+        "WITH lexical AS MATERIALIZED ({}), l AS (SELECT *, row_number() OVER ({}) AS r FROM lexical)"
+        " SELECT {}, r, {} FROM l ORDER BY r"
+    ).format(
+        lexq,
+        lorder,
+        sql.SQL(", ").join(map(sql.Identifier, _COLS)),
+        fusion.term(fusion.lexical_weight, sql.SQL("r")),
+    )
+    yield Step("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+    rows = yield Step(q, params)
+    return hits_from_rows(t, rows, lex.method)
+
+
+def plan_hybrid(
+    t: Target,
+    vector: np.ndarray,
+    text: str,
+    k: int,
+    filt: SearchFilter | None,
+    fusion: Fusion,
+    *,
+    exact: bool,
+    ef: Callable[[int], int],
+    iterative: bool,
+    exact_rows_per_k: float = EXACT_ROWS_PER_K,
+) -> Generator[Step, Any, SearchHits]:
+    """Dense and lexical top-N fused by RRF, in one statement (see the module docstring); ``ef``: the
+    ef_search of a dense search of N rows."""
+    lex = _lexical(t)
+    depth = fusion.depth(k)
+
+    def run(exact_dense: bool) -> Generator[Step, Any, list[Any]]:
+        q, params = _fused(t, lex, filt, vector, text, k, depth, fusion, exact=exact_dense)
+        rows = yield Step(q, params)
+        return rows
+
+    def done(rows: list[Any], dense: str) -> SearchHits:
+        return hits_from_rows(t, [r[:-1] for r in rows], f"hybrid({dense}, {lex.method})")
+
+    yield settings_step(ef(depth), filtered=filt is not None, iterative=iterative)
+    if exact:
+        return done((yield from run(True)), "exact")
+    q, params = _fused(t, lex, filt, vector, text, k, depth, fusion, exact=False)
+    plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + q, params)
+    skip = lex.index.rsplit(".", 1)[-1].strip('"') if lex.method == "bm25" and lex.index else None
+    estimate = ann_scan_rows(plan[0][0] if plan else None, skip_index=skip)
+    if estimate is None:
+        return done((yield from run(False)), "exact")
+    if filt is not None and estimate <= exact_rows_per_k * depth:
+        return done((yield from run(True)), "exact")
+    rows = yield Step(q, params)
+    dense = "hnsw+iterative" if iterative and filt is not None else "hnsw"
+    if rows and rows[0][-1] >= depth:
+        return done(rows, dense)
+    return done((yield from run(True)), dense + "->exact")
+
+
+def _lexical(t: Target) -> LexicalIndex:
+    if t.lexical is None:
+        raise InvalidInput(
+            f"collection {t.name!r} has no lexical index ({t.label} has no BM25 index or tsvector "
+            'column), so it cannot be searched with mode "lexical": use mode "dense" or "hybrid" (which is '
+            f"dense here), or add one and attach the table again (`rag attach {t.name} --table {t.label} "
+            "--lexical-column COL`)"
+        )
+    return t.lexical
+
+
+def plan(
+    mode: str,
+    t: Target,
+    vector: np.ndarray,
+    k: int,
+    filt: SearchFilter | None,
+    *,
+    text: str | None,
+    fusion: Fusion,
+    exact: bool,
+    ef: Callable[[int], int],
+    iterative: bool,
+) -> Generator[Step, Any, SearchHits]:
+    """The policy of ``mode`` for one search (``hybrid`` without a lexical index is ``dense``); ``ef``: the
+    ef_search of a dense search of a given number of rows."""
+    if mode == "dense" or (mode == "hybrid" and t.lexical is None):
+        return plan_search(t, vector, k, filt, exact=exact, ef=ef(k), iterative=iterative)
+    if text is None or not text.strip():
+        raise InvalidInput(f'mode "{mode}" needs the query text: pass query=...')
+    if mode == "lexical":
+        return plan_lexical(t, vector, text, k, filt, fusion)
+    return plan_hybrid(t, vector, text, k, filt, fusion, exact=exact, ef=ef, iterative=iterative)
