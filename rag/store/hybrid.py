@@ -5,10 +5,14 @@
 =========== ==========================================================================================
 ``dense``   ``plan_search``: pgvector alone (strategies ``hnsw``, ``hnsw+iterative``, ``exact``, ...)
 ``lexical`` the lexical side alone: BM25 (``bm25``) or full-text search (``fts``), under the filter; the
-            rows that hold a query term, best first, at most k
-``hybrid``  one statement: a CTE takes the dense top-N, another the lexical top-N (both under the
-            filter), and they are fused by reciprocal rank fusion, ``sum(weight / (rrf_k + rank))`` over
-            the sides that returned a row, cut to k. N = max(depth_min, k x depth_factor), at most 1000.
+            rows that hold a query term, best first, at most k. With BM25 the plan is read first (EXPLAIN):
+            where the planner scores rows outside the BM25 index (a selective filter's own index), rows
+            without a term score 0 and are dropped
+``hybrid``  one statement: a subquery takes the dense top-N, another the lexical top-N (both under the
+            filter), and a full join fuses them by reciprocal rank fusion, ``sum(weight / (rrf_k +
+            rank))`` over the sides that returned a row, cut to k. N = max(depth_min, k x depth_factor), at
+            most 1000. (Subqueries, not CTEs: pg_textsearch reads the scores off its index scan only where
+            the scan is in the main plan, and re-scores every row of a CTE.)
             The dense side follows ``plan_search``'s strategies (EXPLAIN first; exact when the filter is
             selective; re-run exact when the index path returned fewer than N), so a hybrid search has k
             rows whenever k rows match the filter. ``strategy``: ``hybrid(<dense>, <bm25|fts>)``.
@@ -46,13 +50,14 @@ from rag.store.search import (
     ann_scan_rows,
     dense_select,
     hits_from_rows,
+    index_scanned,
     plan_search,
     row_columns,
     settings_step,
     where,
 )
 
-__all__ = ["Fusion", "lexical_select", "plan", "plan_hybrid", "plan_lexical"]
+__all__ = ["Fusion", "lexical_rows", "plan", "plan_hybrid", "plan_lexical"]
 
 MAX_DEPTH = MAX_EF_SEARCH
 
@@ -79,32 +84,58 @@ class Fusion:
 
 
 def _or_query(lex: LexicalIndex) -> sql.Composable:
-    """The query's lexemes joined by OR: ``plainto_tsquery`` ANDs them (its text output quotes every
-    lexeme, so only operators read `` & ``). Parameter: the query text."""
+    """The query's lexemes joined by OR, where ``plainto_tsquery`` joins them by AND (``&``) and phrase
+    operators (``<->``, ``<N>``); its text output quotes every lexeme, so only operators match. Parameter:
+    the query text."""
     return sql.SQL(
-        "(SELECT replace(plainto_tsquery({}::regconfig, %s)::text, ' & ', ' | ')::tsquery)"
+        "(SELECT regexp_replace(plainto_tsquery({}::regconfig, %s)::text, ' (&|<->|<[0-9]+>) ', ' | ', 'g')"
+        "::tsquery)"
     ).format(sql.Literal(lex.config))
 
 
-def lexical_select(
-    t: Target, lex: LexicalIndex, filt: SearchFilter | None, vector: np.ndarray, text: str, limit: int
-) -> tuple[sql.Composable, list[Any], sql.Composable]:
-    """The lexical side's query (hit columns and distance, best first, ``LIMIT``), its parameters, and the
-    window ordering that numbers its rows by rank."""
+def lexical_rows(
+    t: Target,
+    lex: LexicalIndex,
+    filt: SearchFilter | None,
+    vector: np.ndarray,
+    text: str,
+    limit: int,
+    *,
+    scored: bool = False,
+) -> tuple[sql.Composable, list[Any]]:
+    """The lexical side as a query of at most ``limit`` rows holding a query term, best first: the hit
+    columns, ``distance`` and their rank ``r``; and its parameters.
+
+    BM25 (a derived table, never a CTE: pg_textsearch takes the scores from its index scan only where it can
+    see the ``ORDER BY`` in the plan): without ``scored`` the index orders the rows and no score is read
+    (every row the index returns holds a term); ``scored`` selects the score and drops rows without a term,
+    for a plan that scores rows found another way (a selective filter's index: rows without a term score 0).
+    """
     col = sql.Identifier(lex.column)
+    cols = row_columns(t)
     if lex.method == "bm25":
         cond, fparams = where(t, filt, dense=False)
-        # ORDER BY the operator alone: the index scan supplies the order without re-scoring any row
-        q = sql.SQL("SELECT {} FROM {}{} ORDER BY {} <@> to_bm25query(%s, %s) LIMIT %s").format(
-            row_columns(t), t.table, cond, col
+        score = sql.SQL("{} <@> to_bm25query(%s, %s)").format(col)
+        if not scored:
+            inner = sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT %s").format(cols, t.table, cond, score)
+            q = sql.SQL("SELECT *, row_number() OVER () AS r FROM ({}) AS lexical_rows").format(inner)
+            return q, [vector, *fparams, text, lex.index, limit]
+        inner = sql.SQL("SELECT {}, {} AS s FROM {}{} ORDER BY s, id LIMIT %s").format(
+            cols, score, t.table, cond
         )
-        return q, [vector, *fparams, text, lex.index, limit], sql.SQL("")
+        q = sql.SQL(
+            "SELECT *, row_number() OVER (ORDER BY s, id) AS r FROM ({}) AS lexical_rows WHERE s < 0"
+        ).format(inner)
+        return q, [vector, text, lex.index, *fparams, limit]
     orq = _or_query(lex)
     cond, fparams = where(t, filt, dense=False, extra=(sql.SQL("{} @@ {}").format(col, orq), [text]))
-    q = sql.SQL(
-        "SELECT {}, ts_rank({}, {}, 1) AS lexical FROM {}{} ORDER BY lexical DESC, id LIMIT %s"
-    ).format(row_columns(t), col, orq, t.table, cond)
-    return q, [vector, text, *fparams, limit], sql.SQL("ORDER BY lexical DESC, id")
+    inner = sql.SQL("SELECT {}, ts_rank({}, {}, 1) AS s FROM {}{} ORDER BY s DESC, id LIMIT %s").format(
+        cols, col, orq, t.table, cond
+    )
+    q = sql.SQL("SELECT *, row_number() OVER (ORDER BY s DESC, id) AS r FROM ({}) AS lexical_rows").format(
+        inner
+    )
+    return q, [vector, text, *fparams, limit]
 
 
 _COLS = ("id", "doc_id", "source", "chunk_index", "content", "metadata", "distance")
@@ -121,21 +152,22 @@ def _fused(
     fusion: Fusion,
     *,
     exact: bool,
+    scored: bool,
 ) -> tuple[sql.Composable, list[Any]]:
+    """The hybrid statement: both sides' top ``depth`` as derived tables, fused by RRF, cut to ``k``; the
+    last column is how many rows the dense side returned."""
     dense, dparams = dense_select(t, filt, exact=exact)
-    lexq, lparams, lorder = lexical_select(t, lex, filt, vector, text, depth)
+    lexq, lparams = lexical_rows(t, lex, filt, vector, text, depth, scored=scored)
     cols = sql.SQL(", ").join(sql.SQL("coalesce(d.{c}, l.{c})").format(c=sql.Identifier(c)) for c in _COLS)
     q = sql.SQL(
-        "WITH dense AS MATERIALIZED ({dense}), lexical AS MATERIALIZED ({lex}),"
-        " d AS (SELECT *, row_number() OVER (ORDER BY distance, id) AS r FROM dense),"
-        " l AS (SELECT *, row_number() OVER ({lorder}) AS r FROM lexical)"
-        " SELECT {cols}, l.r, {fused} AS fused, (SELECT count(*) FROM dense) AS n_dense"
-        " FROM d FULL JOIN l ON d.id = l.id"
+        "SELECT {cols}, l.r, {fused} AS fused, max(d.n) OVER () AS n_dense FROM"
+        " (SELECT *, row_number() OVER (ORDER BY distance, id) AS r, count(*) OVER () AS n"
+        " FROM ({dense}) AS dense_rows) AS d"
+        " FULL JOIN ({lex}) AS l ON d.id = l.id"
         " ORDER BY fused DESC, d.r NULLS LAST, l.r NULLS LAST LIMIT %s"
     ).format(
         dense=dense,
         lex=lexq,
-        lorder=lorder,
         cols=cols,
         fused=fusion.term(fusion.dense_weight, sql.SQL("d.r"))
         + sql.SQL(" + ")
@@ -144,22 +176,40 @@ def _fused(
     return q, [vector, *dparams, depth, *lparams, k]
 
 
+def _bm25_index(lex: LexicalIndex) -> str | None:
+    """The BM25 index's name as EXPLAIN shows it (unqualified), None for FTS."""
+    if lex.method != "bm25" or not lex.index:
+        return None
+    return lex.index.rsplit(".", 1)[-1].strip('"')
+
+
+def _scored(lex: LexicalIndex, plan: Any) -> bool:
+    """Whether the planner scores BM25 rows outside the index (then rows without a term must be dropped)."""
+    name = _bm25_index(lex)
+    return name is not None and not index_scanned(plan, name)
+
+
 def plan_lexical(
     t: Target, vector: np.ndarray, text: str, k: int, filt: SearchFilter | None, fusion: Fusion
 ) -> Generator[Step, Any, SearchHits]:
     """The lexical side alone: at most ``k`` rows holding a query term, best first."""
     lex = _lexical(t)
-    lexq, params, lorder = lexical_select(t, lex, filt, vector, text, k)
-    q = sql.SQL(
-        "WITH lexical AS MATERIALIZED ({}), l AS (SELECT *, row_number() OVER ({}) AS r FROM lexical)"
-        " SELECT {}, r, {} FROM l ORDER BY r"
-    ).format(
-        lexq,
-        lorder,
-        sql.SQL(", ").join(map(sql.Identifier, _COLS)),
-        fusion.term(fusion.lexical_weight, sql.SQL("r")),
-    )
+
+    def query(scored: bool) -> tuple[sql.Composable, list[Any]]:
+        rows, params = lexical_rows(t, lex, filt, vector, text, k, scored=scored)
+        q = sql.SQL("SELECT {}, r, {} FROM ({}) AS l ORDER BY r").format(
+            sql.SQL(", ").join(map(sql.Identifier, _COLS)),
+            fusion.term(fusion.lexical_weight, sql.SQL("r")),
+            rows,
+        )
+        return q, params
+
     yield Step("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+    q, params = query(False)
+    if lex.method == "bm25":
+        plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + q, params)
+        if _scored(lex, plan[0][0] if plan else None):
+            q, params = query(True)
     rows = yield Step(q, params)
     return hits_from_rows(t, rows, lex.method)
 
@@ -182,30 +232,29 @@ def plan_hybrid(
     lex = _lexical(t)
     depth = fusion.depth(k)
 
-    def run(exact_dense: bool) -> Generator[Step, Any, list[Any]]:
-        q, params = _fused(t, lex, filt, vector, text, k, depth, fusion, exact=exact_dense)
-        rows = yield Step(q, params)
-        return rows
+    def fused(exact_dense: bool, scored: bool) -> tuple[sql.Composable, list[Any]]:
+        return _fused(t, lex, filt, vector, text, k, depth, fusion, exact=exact_dense, scored=scored)
 
     def done(rows: list[Any], dense: str) -> SearchHits:
         return hits_from_rows(t, [r[:-1] for r in rows], f"hybrid({dense}, {lex.method})")
 
     yield settings_step(ef(depth), filtered=filt is not None, iterative=iterative)
-    if exact:
-        return done((yield from run(True)), "exact")
-    q, params = _fused(t, lex, filt, vector, text, k, depth, fusion, exact=False)
+    q, params = fused(exact, False)
     plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + q, params)
-    skip = lex.index.rsplit(".", 1)[-1].strip('"') if lex.method == "bm25" and lex.index else None
-    estimate = ann_scan_rows(plan[0][0] if plan else None, skip_index=skip)
+    tree = plan[0][0] if plan else None
+    scored = _scored(lex, tree)
+    if exact:
+        return done((yield Step(*fused(True, scored))), "exact")
+    estimate = ann_scan_rows(tree, skip_index=_bm25_index(lex))
     if estimate is None:
-        return done((yield from run(False)), "exact")
+        return done((yield Step(*fused(False, scored))), "exact")
     if filt is not None and estimate <= exact_rows_per_k * depth:
-        return done((yield from run(True)), "exact")
-    rows = yield Step(q, params)
+        return done((yield Step(*fused(True, scored))), "exact")
+    rows = yield Step(*fused(False, scored))
     dense = "hnsw+iterative" if iterative and filt is not None else "hnsw"
-    if rows and rows[0][-1] >= depth:
+    if rows and (rows[0][-1] or 0) >= depth:
         return done(rows, dense)
-    return done((yield from run(True)), dense + "->exact")
+    return done((yield Step(*fused(True, scored))), dense + "->exact")
 
 
 def _lexical(t: Target) -> LexicalIndex:

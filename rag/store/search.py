@@ -59,6 +59,7 @@ __all__ = [
     "dense_select",
     "ef_search",
     "hits_from_rows",
+    "index_scanned",
     "owned_target",
     "plan_search",
     "row_columns",
@@ -236,6 +237,20 @@ def ann_scan_rows(plan: Any, skip_index: str | None = None) -> float | None:
                 return float(node.get("Plan Rows", 0.0))
             stack.extend(v for v in node.values() if isinstance(v, list | dict))
     return None
+
+
+def index_scanned(plan: Any, index: str) -> bool:
+    """Whether an ``EXPLAIN (FORMAT JSON)`` plan scans the index named ``index``."""
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get("Index Name") == index and "Index" in str(node.get("Node Type", "")):
+                return True
+            stack.extend(v for v in node.values() if isinstance(v, list | dict))
+    return False
 
 
 def uses_ann_index(plan: Any) -> bool:
