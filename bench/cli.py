@@ -4,6 +4,7 @@
     rag bench ingest   document embedding vs plain SentenceTransformer.encode; stage-1 nDCG@10 per dtype
     rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search;
                        --filters: filtered search; --modes: dense, lexical and hybrid search, index builds
+    rag bench fusion   hybrid fusion's parameters (RRF k, weights, depth; min-max score fusion) on Cranfield
     rag bench serve    load test of a running Serve app's /search at several concurrencies; JSON + PNG
     rag bench cache    the rerank score cache off and on: Zipf-distributed repeated /search, p50/p95, hit rate
     rag bench soak     minutes of mixed load on a running app: statuses, p50/p99 per route, replica RSS
@@ -219,6 +220,33 @@ def store(
         keep=keep,
     )
     _finish(r, as_json, out, sb.summary(r))
+
+
+@app.command()
+def fusion(
+    dataset: DatasetOpt = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", "-c", help="Collection [the dataset folder's name].")
+    ] = None,
+    fetch_k: Annotated[int, typer.Option(help="Stage-1 candidates.")] = 100,
+    top_k: Annotated[int, typer.Option(help="recall@top_k.")] = 8,
+    as_json: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Hybrid fusion's parameters on Cranfield: RRF k, lexical weight and depth, and min-max score fusion,
+    computed from the store's own dense and lexical rankings; checks the service's setting against the
+    store's hybrid search. Ingests the dataset on first use (as `rag eval`). A few minutes."""
+    from bench import fusion as fb
+    from bench.common import find_cranfield
+    from rag.eval import ensure_corpus, load_beir
+    from rag.pipeline import Pipeline
+
+    ds = load_beir(find_cranfield(dataset))
+    coll = collection or ds.name
+    p = Pipeline(_settings(collection=coll, reranker="none"))
+    ensure_corpus(p, ds, coll)
+    r = fb.run(p, ds, collection=coll, top_k=top_k, fetch_k=fetch_k)
+    _finish(r, as_json, out, fb.summary(r))
 
 
 @app.command()

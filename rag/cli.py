@@ -124,10 +124,11 @@ def db_status() -> None:
     from rag.store import Store
 
     with Store(url, min_size=0, max_size=1) as store:
-        info = store.server_info()
+        info, lex = store.server_info(), store.lexical_info()
+        bm25 = f"BM25 (pg_textsearch {lex['pg_textsearch']})" if lex["pg_textsearch"] else "full-text search"
         typer.echo(
             f"  PostgreSQL {info['postgresql']}, pgvector {info['pgvector']} "
-            f"(iterative index scans: {'yes' if info['iterative_scan'] else 'no'})"
+            f"(iterative index scans: {'yes' if info['iterative_scan'] else 'no'}); lexical search: {bm25}"
         )
         for c in store.collections():
             if c.get("kind") == "attached" and c.get("error"):
@@ -136,12 +137,12 @@ def db_status() -> None:
             if c.get("kind") == "attached":
                 typer.echo(
                     f"  collection {c['name']}: attached table {c['table']}, {c['chunks']} rows, "
-                    f"{c['dim']}-dim, {c['distance']} (read only)"
+                    f"{c['dim']}-dim, {c['distance']} (read only), lexical index {c['lexical'] or 'none'}"
                 )
                 continue
             typer.echo(
                 f"  collection {c['name']}: {c['documents']} documents, {c['chunks']} chunks, "
-                f"{c['dim']}-dim ({c['embedding_model']})"
+                f"{c['dim']}-dim ({c['embedding_model']}), lexical index {c['lexical'] or 'none'}"
             )
 
 

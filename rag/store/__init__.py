@@ -3,6 +3,7 @@
 =================== ============================================================================
 ``collections.py``  owned collections: schema, ingest writes (COPY), idempotence
 ``tables.py``       attached tables: column mapping, validation, never written
+``attached.py``     ``AttachedTables``: attach, detach, re-validate (writes the registry only)
 ``search.py``       dense search with filters: exactly k rows (ef_search, iterative scans, exact)
 ``lexical.py``      lexical indexes: BM25 (pg_textsearch) or built-in full-text search; detection
 ``hybrid.py``       lexical and hybrid (RRF-fused) search plans; ``plan`` picks one per mode

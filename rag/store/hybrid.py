@@ -7,7 +7,7 @@
 ``lexical`` the lexical side alone: BM25 (``bm25``) or full-text search (``fts``), under the filter; the
             rows that hold a query term, best first, at most k. With BM25 the plan is read first (EXPLAIN):
             where the planner scores rows outside the BM25 index (a selective filter's own index), rows
-            without a term score 0 and are dropped
+            without a term score 0 and are dropped (strategy ``bm25-scored``)
 ``hybrid``  one statement: a subquery takes the dense top-N, another the lexical top-N (both under the
             filter), and a full join fuses them by reciprocal rank fusion, ``sum(weight / (rrf_k +
             rank))`` over the sides that returned a row, cut to k. N = max(depth_min, k x depth_factor), at
@@ -183,6 +183,12 @@ def _bm25_index(lex: LexicalIndex) -> str | None:
     return lex.index.rsplit(".", 1)[-1].strip('"')
 
 
+def _label(lex: LexicalIndex, scored: bool) -> str:
+    """The lexical side's strategy: ``bm25`` (the index orders the rows), ``bm25-scored`` (rows found by
+    another path, scored one by one), ``fts``."""
+    return f"{lex.method}-scored" if scored else lex.method
+
+
 def _scored(lex: LexicalIndex, plan: Any) -> bool:
     """Whether the planner scores BM25 rows outside the index (then rows without a term must be dropped)."""
     name = _bm25_index(lex)
@@ -206,12 +212,14 @@ def plan_lexical(
 
     yield Step("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
     q, params = query(False)
+    scored = False
     if lex.method == "bm25":
         plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + q, params)
-        if _scored(lex, plan[0][0] if plan else None):
+        scored = _scored(lex, plan[0][0] if plan else None)
+        if scored:
             q, params = query(True)
     rows = yield Step(q, params)
-    return hits_from_rows(t, rows, lex.method)
+    return hits_from_rows(t, rows, _label(lex, scored))
 
 
 def plan_hybrid(
@@ -235,14 +243,15 @@ def plan_hybrid(
     def fused(exact_dense: bool, scored: bool) -> tuple[sql.Composable, list[Any]]:
         return _fused(t, lex, filt, vector, text, k, depth, fusion, exact=exact_dense, scored=scored)
 
-    def done(rows: list[Any], dense: str) -> SearchHits:
-        return hits_from_rows(t, [r[:-1] for r in rows], f"hybrid({dense}, {lex.method})")
-
     yield settings_step(ef(depth), filtered=filt is not None, iterative=iterative)
     q, params = fused(exact, False)
     plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + q, params)
     tree = plan[0][0] if plan else None
     scored = _scored(lex, tree)
+
+    def done(rows: list[Any], dense: str) -> SearchHits:
+        return hits_from_rows(t, [r[:-1] for r in rows], f"hybrid({dense}, {_label(lex, scored)})")
+
     if exact:
         return done((yield Step(*fused(True, scored))), "exact")
     estimate = ann_scan_rows(tree, skip_index=_bm25_index(lex))

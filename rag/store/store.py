@@ -15,13 +15,14 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from rag.store.attached import AttachedTables
 from rag.store.collections import OwnedCollections
 from rag.store.core import Program, StoreCore, T
 from rag.store.filters import SearchFilter
 from rag.store.hybrid import Fusion
 from rag.store.schema import REGISTRY_COLUMNS, migrate, unavailable
 from rag.store.search import SearchHits, Step, Target
-from rag.store.tables import BROKEN, AttachedTables, table_changed, target_from_row
+from rag.store.tables import BROKEN, table_changed, target_from_row
 
 __all__ = ["Store", "drive"]
 
