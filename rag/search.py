@@ -28,9 +28,9 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rag.errors import Overloaded, RerankerError, StageTimeout, validate_collection_name
-from rag.settings import SearchConfig
-from rag.validation import validate_search
+from rag.errors import Overloaded, RerankerError, StageTimeout
+from rag.stages import SearchConfig
+from rag.validation import validate_collection_name, validate_search
 
 __all__ = [
     "SKIP_REASONS",
@@ -123,13 +123,12 @@ def make_request(
     vector: Any = None,
 ) -> SearchRequest:
     """A validated request; unset values take the configured defaults. Raises InvalidInput."""
-    c: Any = cfg
-    fetch_k = c.fetch_k if fetch_k is None else fetch_k
-    top_k = c.top_k if top_k is None else top_k
-    validate_search(query, fetch_k, top_k, max_fetch_k=c.max_fetch_k, max_chars=c.max_query_chars)
-    coll = validate_collection_name(collection) if collection is not None else c.collection
-    budget = budget_ms if budget_ms is not None else c.budget_ms
-    return SearchRequest(str(query), fetch_k, top_k, coll, rerank, budget, filter, vector)  # type: ignore[arg-type]
+    fetch_k = cfg.fetch_k if fetch_k is None else fetch_k
+    top_k = cfg.top_k if top_k is None else top_k
+    validate_search(query, fetch_k, top_k, max_fetch_k=cfg.max_fetch_k, max_chars=cfg.max_query_chars)
+    coll = validate_collection_name(collection) if collection is not None else cfg.collection
+    budget = budget_ms if budget_ms is not None else cfg.budget_ms
+    return SearchRequest(str(query), fetch_k, top_k, coll, rerank, budget, filter, vector)
 
 
 def rank(candidates: Sequence[dict], scores: Sequence[float], top_k: int) -> list[dict]:

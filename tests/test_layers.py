@@ -14,7 +14,7 @@ STORE = ROOT / "rag" / "store"
 
 def test_core_imports_no_ray_and_loads_no_model():
     code = (
-        "import sys, rag.cli, rag.pipeline, rag.ingest, rag.eval, rag.store, rag.rerank, rag.embed, rag.db\n"
+        "import sys, ragcli, rag.pipeline, rag.ingest, rag.eval, rag.store, rag.rerank, rag.embed, rag.db\n"
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         "assert not bad, bad\n"
         "assert 'sentence_transformers' not in sys.modules, 'model library imported at import time'\n"

@@ -179,7 +179,7 @@ def _expected(name: str, value: Any) -> Any:
     if name in ("cohere_api_key", "api_keys"):
         return "***"
     if name == "database_url":
-        from rag.errors import redact_url
+        from rag.settings import redact_url
 
         return redact_url(value)
     return value
