@@ -71,8 +71,8 @@ class BatchUserConfig(BaseModel):
     """What every batching deployment's ``user_config`` holds: its ``@serve.batch`` knobs."""
 
     model_config = ConfigDict(extra="forbid")
-    max_batch_size: int
-    batch_wait_timeout_s: float
+    max_batch_size: int = Field(1, ge=1)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
 
     def apply(self, batch_method: Any, role: str) -> None:
         """Set the knobs of ``batch_method`` (a ``@serve.batch`` method) and log them."""

@@ -62,8 +62,10 @@ def late_bound_ingress(cls: T) -> T:
     constructor ran (it needs the handles the class was bound with)."""
     from ray import serve
 
-    setattr(cls, BUILD_ASGI_APP, cls.build_asgi_app)
-    return serve.ingress()(cls)
+    build: Any = cls
+    setattr(cls, BUILD_ASGI_APP, build.build_asgi_app)
+    wrapped: T = serve.ingress()(cls)
+    return wrapped
 
 
 def deploy_config(config: dict[str, Any], *, host: str | None = None, port: int | None = None) -> list[str]:
@@ -82,7 +84,7 @@ def deploy_config(config: dict[str, Any], *, host: str | None = None, port: int 
     try:
         from ray.serve.context import _get_global_client
 
-        client = _get_global_client()
+        client: Any = _get_global_client()
         deploy = client.deploy_apps
     except (ImportError, AttributeError) as e:
         raise RuntimeError(
@@ -130,9 +132,10 @@ def token_auth_enabled() -> bool | None:
     """Whether Ray's control plane requires its token (Ray 2.52+, on by default for a local cluster since
     2.59); None where this Ray does not say."""
     try:
-        from ray._raylet import AuthenticationMode, get_authentication_mode
+        import importlib
 
-        return bool(get_authentication_mode() == AuthenticationMode.TOKEN)
+        raylet: Any = importlib.import_module("ray._raylet")  # compiled: no types to check against
+        return bool(raylet.get_authentication_mode() == raylet.AuthenticationMode.TOKEN)
     except (ImportError, AttributeError) as e:
         _moved("the authentication mode", e)
         return None

@@ -60,7 +60,8 @@ class Embedder:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from rag.accel import OpenVINOEngine, TorchEngine, pick_runtime, resolve_threads
+        from rag.accel import TorchEngine, pick_runtime, resolve_threads
+        from rag.ov_engine import OpenVINOEngine
 
         self.resolved: ResolvedModel = resolve_embedder(model, offline=offline)
         self.device = pick_device(device)

@@ -14,8 +14,8 @@ Modelled on text-embeddings-inference's ``Infer::predict`` (core/src/infer.rs): 
 The library (``Pipeline``, ``rag eval``, ``rag query``) calls ``rerank_sync``; the Reranker deployment calls
 ``rerank`` and feeds the chunks through ``@serve.batch`` into ``run_batch``. Both run the same policy, a
 generator that yields the steps it needs (windows, a turn, a chunk scored), as ``rag.search`` does, so the
-library and the service score the same request the same way. The caller validates a request at its edge
-(``rag.validation``); the engine trusts its input.
+library and the service score the same request the same way (driven by ``rag.search``'s ``run_sync`` and
+``run_async``). The caller validates a request at its edge (``rag.validation``); the engine trusts its input.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from rag.rerank.base import RerankBackend, Scores
 from rag.rerank_schedule import Item, Part, Scheduler, Ticket
 from rag.rerank_stats import BatchReport, EngineStats
 from rag.score_cache import CachedReranker, cache_for
+from rag.search import run_async, run_sync
 from rag.stages import RerankerConfig
 from rag.validation import ValidPairs
 
@@ -137,51 +138,39 @@ class RerankEngine:
         self, query: str, documents: Sequence[str], options: RerankOptions | None = None
     ) -> RerankResult:
         """Rerank in an event loop: windows planned in a thread, chunks through ``submit``."""
+
+        async def do(step: _Step) -> Any:
+            if isinstance(step, _Windows):
+                return await asyncio.to_thread(self._plan, step)
+            try:
+                if isinstance(step, _Turn):
+                    return await self.scheduler.turn(step.ticket)
+                return await self._submit(step.item)
+            except asyncio.CancelledError:  # the caller went away (disconnect, the ingress's timeout)
+                self.stats.count(cancelled=1)
+                raise
+
         policy = self._policy(query, documents, options or RerankOptions())
         try:
-            step = next(policy)
-            while True:
-                try:
-                    if isinstance(step, _Windows):
-                        result: Any = await asyncio.to_thread(self._plan, step)
-                    elif isinstance(step, _Turn):
-                        result = await self.scheduler.turn(step.ticket)
-                    else:
-                        result = await self._submit(step.item)
-                except asyncio.CancelledError:  # the caller went away (disconnect, the ingress's timeout)
-                    if not isinstance(step, _Windows):
-                        self.stats.count(cancelled=1)
-                    raise
-                except Exception as e:
-                    step = policy.throw(e)
-                else:
-                    step = policy.send(result)
-        except StopIteration as stop:
-            return stop.value
+            return await run_async(policy, do)
         finally:
-            policy.close()
+            policy.close()  # a cancelled request gives its place back at once
 
     def rerank_sync(
         self, query: str, documents: Sequence[str], options: RerankOptions | None = None
     ) -> RerankResult:
-        """Rerank in this thread: the same policy, each chunk scored by ``run_batch`` alone."""
+        """Rerank in this thread: the same policy, each chunk scored by ``score_items`` alone."""
+
+        def do(step: _Step) -> Any:
+            if isinstance(step, _Windows):
+                return self._plan(step)
+            if isinstance(step, _Turn):
+                return self.scheduler.size_alone(step.ticket)
+            return self.score_items([step.item])[0]
+
         policy = self._policy(query, documents, options or RerankOptions())
         try:
-            step = next(policy)
-            while True:
-                try:
-                    if isinstance(step, _Windows):
-                        result: Any = self._plan(step)
-                    elif isinstance(step, _Turn):
-                        result = self.scheduler.size_alone(step.ticket)
-                    else:
-                        result = self.score_items([step.item])[0]
-                except Exception as e:
-                    step = policy.throw(e)
-                else:
-                    step = policy.send(result)
-        except StopIteration as stop:
-            return stop.value
+            return run_sync(policy, do)
         finally:
             policy.close()
 
@@ -286,7 +275,7 @@ class RerankEngine:
 
     # -- batches -------------------------------------------------------------------------------------
     async def _submit_alone(self, item: Item) -> Part | BaseException:
-        return await self.run_batch([item])
+        return (await self.run_batch([item]))[0]
 
     async def run_batch(
         self, items: list[Item], before: Callable[[], Awaitable[None]] | None = None

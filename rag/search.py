@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rag.errors import Overloaded, RerankerError, StageTimeout
 from rag.stages import SearchConfig
@@ -49,6 +49,7 @@ __all__ = [
     "two_stage",
 ]
 
+R = TypeVar("R")  # what a policy returns
 SKIP_REASONS = ("not_requested", "disabled", "no_candidates", "budget", "overloaded", "reranker_error")
 
 
@@ -239,10 +240,11 @@ def two_stage(
 
 
 # -- drivers ----------------------------------------------------------------------------------------------
-def run_sync(policy: Generator[Step, Any, SearchResult], do: Callable[[Step], Any]) -> SearchResult:
+def run_sync(policy: Generator[Any, Any, R], do: Callable[[Any], Any]) -> R:
     """Drive ``policy`` with a blocking ``do(step)``: ``run_async``'s loop, with nothing to wait for.
 
-    No event loop is needed (the coroutine never suspends), so it works inside a running one too."""
+    No event loop is needed (the coroutine never suspends), so it works inside a running one too. Any policy
+    generator: this module's, and the rerank engine's (``rag.rerank_engine``)."""
 
     async def call(step: Step) -> Any:
         return do(step)
@@ -257,10 +259,10 @@ def run_sync(policy: Generator[Step, Any, SearchResult], do: Callable[[Step], An
 
 
 async def run_async(
-    policy: Generator[Step, Any, SearchResult],
-    do: Callable[[Step], Awaitable[Any]],
+    policy: Generator[Any, Any, R],
+    do: Callable[[Any], Awaitable[Any]],
     on_dense: Callable[[Dense], Awaitable[None]] | None = None,
-) -> SearchResult:
+) -> R:
     """Drive ``policy`` with an async ``do(step)``; ``on_dense`` hears the stage-1 notice (streaming)."""
     try:
         step = next(policy)

@@ -72,22 +72,27 @@ class StageConfig(BaseModel):
         return {n: getattr(self, prefix + n) for n in names if prefix + n in type(self).model_fields}
 
 
-class EmbedderConfig(StageConfig):
+class ModelStage(StageConfig):
+    """What every stage that loads a model uses: where models are cached, and whether to go online."""
+
+    data_dir: Path = _same("data_dir")
+    offline: bool = _same("offline")
+
+    @property
+    def model_cache(self) -> Path:
+        return (Path(self.data_dir) / "models").resolve()
+
+
+class EmbedderConfig(ModelStage):
     """What the Embedder uses of Settings."""
 
     stage: ClassVar[str] = "embedder"
-    data_dir: Path = _same("data_dir")
-    offline: bool = _same("offline")
     embedding_model: str = _same("embedding_model")
     embedding_device: Device = _same("embedding_device")
     embedding_dtype: DType = _same("embedding_dtype")
     embedding_runtime: Runtime = _same("embedding_runtime")
     embedding_threads: int = _same("embedding_threads")
     embed_batch_size: int = _same("embed_batch_size")
-
-    @property
-    def model_cache(self) -> Path:
-        return (Path(self.data_dir) / "models").resolve()
 
 
 class StoreConfig(StageConfig):
@@ -123,12 +128,10 @@ class StoreConfig(StageConfig):
         return kw
 
 
-class RerankerConfig(StageConfig):
+class RerankerConfig(ModelStage):
     """What the Reranker (the rerank engine and its backend) uses of Settings."""
 
     stage: ClassVar[str] = "reranker"
-    data_dir: Path = _same("data_dir")
-    offline: bool = _same("offline")
     reranker: RerankerBackend = _same("reranker")
     rerank_model: str = _same("rerank_model")
     rerank_device: Device = _same("rerank_device")
@@ -157,10 +160,6 @@ class RerankerConfig(StageConfig):
     cohere_model: str = _same("cohere_model")
     cohere_timeout_s: float = _same("cohere_timeout_s")
     cohere_max_retries: int = _same("cohere_max_retries")
-
-    @property
-    def model_cache(self) -> Path:
-        return (Path(self.data_dir) / "models").resolve()
 
 
 class SearchConfig(StageConfig):

@@ -140,7 +140,9 @@ def test_a_cancelled_request_stops_at_the_next_chunk(rr: Any) -> None:
         task.cancel()  # what Serve does when the HTTP client disconnects or the ingress times out
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _until(lambda: rr.engine.scheduler.running == 0)  # a chunk already in the model finishes; nothing after it
+        await _until(
+            lambda: rr.engine.scheduler.running == 0
+        )  # a chunk already in the model finishes; nothing after it
         await asyncio.sleep(0.3)  # a batch that would still start would do so now
         return rr.stats()
 

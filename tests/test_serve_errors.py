@@ -91,7 +91,9 @@ def _documents_via(rerank: Any):
     async def fn(query: str, docs: list[str], deadline_s: float | None = None, **kw: Any) -> RerankResult:
         scores = await rerank(query, docs, deadline_s=deadline_s)
         n = len(docs)
-        return RerankResult(scores, [None] * n, [1] * n, RerankUsage(n, 3 * n), RerankTimings(0.5, 1.0, 2.0), 0)
+        return RerankResult(
+            scores, [None] * n, [1] * n, RerankUsage(n, 3 * n), RerankTimings(0.5, 1.0, 2.0), 0
+        )
 
     return fn
 

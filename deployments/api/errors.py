@@ -36,7 +36,7 @@ log = logging.getLogger("ray.serve")
 
 # The one exception -> HTTP status table. First matching row wins (isinstance); the third column says whether
 # the response carries Retry-After.
-ERROR_TABLE: tuple[tuple[type[BaseException], int | None, bool], ...] = (
+ERROR_TABLE: tuple[tuple[type[Exception], int | None, bool], ...] = (
     (Unauthenticated, 401, False),  # RAG_API_KEYS set, and no or an unknown `Authorization: Bearer` key
     (RequestValidationError, 422, False),  # wrong JSON types, missing fields, non-string documents
     (InvalidInput, 422, False),  # bad values: empty query, k out of range, too many documents, big body,

@@ -93,7 +93,7 @@ class CrossEncoderReranker:
         self._load(model)
         self._lock = threading.Lock()  # one forward pass at a time per replica
         self._exact: Engine | None = None  # the fp32 engine of the refine step
-        self.engine: Any  # the runtime's engine of the screen: rag.accel's OpenVINOEngine or TorchEngine
+        self.engine: Any  # the screen's runtime engine: rag.ov_engine.OpenVINOEngine or rag.accel.TorchEngine
         if self.runtime == "openvino":
             self._fast = self._openvino(model, Path(cache_dir), ir_dir, refine_top)
         else:
@@ -139,7 +139,7 @@ class CrossEncoderReranker:
     def _openvino(self, model: str, cache_dir: Path, ir_dir: Any, refine_top: int) -> Engine:
         """The OpenVINO IRs the plan needs; with ``rerank_screen=auto`` and an int8 candidate, int8 is timed
         against the float screen once (cached with the IR) and the slower one is dropped."""
-        from rag.accel import OpenVINOEngine
+        from rag.ov_engine import OpenVINOEngine
 
         try:
             ov = OpenVINOEngine(
@@ -160,9 +160,7 @@ class CrossEncoderReranker:
         except Exception as e:
             raise ModelError(f"could not run reranker {model!r} on OpenVINO: {e}; use runtime=torch") from e
         self.engine = ov
-        self._exact = (
-            (lambda feeds: ov(feeds, "f32")) if (self.plan.refine_top or self.plan.try_int8) else None
-        )
+        self._exact = _precision(ov, "f32") if (self.plan.refine_top or self.plan.try_int8) else None
         fp = self.plan.float_precision
         if self.plan.needs_measurement:
             what = f"demo request 4x32, refine {refine_top} +{self.refine_margin}, int8 vs {fp}"
@@ -174,8 +172,7 @@ class CrossEncoderReranker:
                 ov.drop("int8")
         if not self.plan.refine_top:
             self._exact = None
-        screen_p = "int8" if self.plan.screen == "int8" else fp
-        return lambda feeds: ov(feeds, screen_p)
+        return _precision(ov, "int8" if self.plan.screen == "int8" else fp)
 
     def _calibration_sample(self) -> list[dict[str, Any]]:
         """The int8 calibration feeds: ``screen.calibration_pairs`` in 16 padded batches of 8."""
@@ -199,7 +196,7 @@ class CrossEncoderReranker:
         pairs = timing_pairs()
         out: dict[str, float] = {}
         for p in precisions:
-            self._fast = lambda feeds, p=p: ov(feeds, p)
+            self._fast = _precision(ov, p)
             self.score(pairs)  # warm-up
             ts = []
             for _ in range(2):
@@ -387,3 +384,13 @@ def model_revision(path: str) -> str:
 
 def _seq_cls_logits(model: Any, feeds: dict) -> Any:
     return model(**feeds).logits
+
+
+def _precision(ov: Any, precision: str) -> Engine:
+    """``ov`` (an OpenVINOEngine) in one of its compiled precisions."""
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        result: np.ndarray = ov(feeds, precision)
+        return result
+
+    return run

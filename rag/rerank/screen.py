@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 SCREENS = ("auto", "fp32", "bf16", "int8")
-# keys the cached int8 IR (with rag.accel's _INT8_VERSION): the sample is a function of the stdlib's version
+# keys the cached int8 IR (with rag.ov_engine.INT8_VERSION): the sample is a function of the stdlib's version
 CALIBRATION_KEY = f"demo64x2-py{sys.version_info.major}{sys.version_info.minor}"
 
 
