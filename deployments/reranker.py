@@ -98,6 +98,7 @@ class Reranker:
             "active_requests": len(s.active),
             "active_pairs": s.pending_pairs(),
             "pairs_per_s": s.pairs_per_s,
+            "compute_pairs_per_s": s.compute_pairs_per_s,
             "round_pairs": s.budget(),
             "user_config": self._cfg.model_dump(),
         }

@@ -346,7 +346,9 @@ class RerankEngine:
 
     def _record(self, items: list[Item], scores: Scores, queued: list[float], batch_ms: float) -> None:
         t = scores.timings
-        self.scheduler.observe(len(scores) - t.cache_hits, batch_ms / 1e3)
+        self.scheduler.observe(
+            len(scores) - t.cache_hits, batch_ms / 1e3, (t.tokenize_ms + t.inference_ms) / 1e3
+        )
         self.stats.batch(len(items), len(scores), batch_ms)
         if self.on_batch is not None:
             self.on_batch(BatchReport(len(items), len(scores), t, batch_ms, queued, self.cache))

@@ -6,8 +6,9 @@ A request's (query, window) pairs go to the model one chunk at a time; between c
 - **admission**: a request that would finish after ``ADMIT_FRACTION`` of its caller's deadline, judged from
   the pairs ahead of it and this replica's measured pairs/s, is refused at once (``Overloaded``) instead of
   being computed for a caller that has gone;
-- **chunk size by time**: one round (one batch) aims at ``chunk_s`` seconds of compute at the measured
-  pairs/s (``budget``), and no request's chunk exceeds ``chunk_cap`` pairs (``rerank_chunk_pairs``, and the
+- **chunk size by time**: one round (one batch) aims at ``chunk_s`` seconds of the model's compute at its
+  measured pairs/s (``budget``: the backend's own time, so a batch's fixed costs cannot shrink the chunks
+  ever further), and no request's chunk exceeds ``chunk_cap`` pairs (``rerank_chunk_pairs``, and the
   batch's pair cap). A request of at most ``WHOLE_PAIRS`` pairs is one chunk: splitting it would only add
   rounds to its own wait;
 - **order**: while a batch runs, requests wait for their next turn; when it ends, every waiting request gets
@@ -99,6 +100,12 @@ def fair_pairs_ahead(remaining: list[int], pairs: int, chunk: int) -> int:
     return sum(min(r, rounds_pairs) for r in remaining)
 
 
+def _slow_first(old: float | None, rate: float) -> float:
+    """min(newest, EWMA): an estimate that follows a slowdown at once and a speed-up gradually."""
+    ewma = rate if old is None else RATE_ALPHA * rate + (1 - RATE_ALPHA) * old
+    return min(rate, ewma)
+
+
 @dataclass(eq=False)
 class Ticket:
     """An admitted request: its pairs not yet scored, and those granted to a batch that has not started."""
@@ -116,7 +123,8 @@ class Scheduler:
     def __init__(self, chunk_cap: int, chunk_s: float) -> None:
         self.chunk_cap = max(1, chunk_cap)
         self.chunk_s = chunk_s
-        self.pairs_per_s: float | None = None  # per batch (compute time): min(last, EWMA)
+        self.pairs_per_s: float | None = None  # per batch, wall time (what callers wait): admission
+        self.compute_pairs_per_s: float | None = None  # per batch, the model's own time: chunk sizes
         self.active: dict[int, Ticket] = {}
         self._ids = itertools.count()
         self._waiting: list[Ticket] = []
@@ -132,9 +140,9 @@ class Scheduler:
     # -- sizes ---------------------------------------------------------------------------------------
     def budget(self) -> int:
         """Pairs of one round: ``chunk_s`` of compute at the measured rate (the chunk cap until measured)."""
-        if not self.pairs_per_s or self.chunk_s <= 0:
+        if not self.compute_pairs_per_s or self.chunk_s <= 0:
             return self.chunk_cap
-        return max(1, round(self.pairs_per_s * self.chunk_s))
+        return max(1, round(self.compute_pairs_per_s * self.chunk_s))
 
     def _share(self, t: Ticket, room: int) -> int:
         whole = min(WHOLE_PAIRS, self.chunk_cap)
@@ -148,16 +156,16 @@ class Scheduler:
         with self._lock:
             return self._share(t, self.budget())
 
-    def observe(self, computed_pairs: int, seconds: float) -> None:
-        """A batch computed ``computed_pairs`` (cache hits excluded) in ``seconds``: down at once when it
-        ran slower, up gradually."""
+    def observe(self, computed_pairs: int, seconds: float, compute_seconds: float | None = None) -> None:
+        """A batch computed ``computed_pairs`` (cache hits excluded) in ``seconds`` of wall time, of which
+        the model took ``compute_seconds`` (default: all). Rates go down at once when a batch ran slower,
+        up gradually."""
         if seconds <= 0 or computed_pairs <= 0:
             return
-        rate = computed_pairs / seconds
+        compute = seconds if compute_seconds is None or compute_seconds <= 0 else compute_seconds
         with self._lock:
-            old = self.pairs_per_s
-            ewma = rate if old is None else RATE_ALPHA * rate + (1 - RATE_ALPHA) * old
-            self.pairs_per_s = min(rate, ewma)
+            self.pairs_per_s = _slow_first(self.pairs_per_s, computed_pairs / seconds)
+            self.compute_pairs_per_s = _slow_first(self.compute_pairs_per_s, computed_pairs / compute)
 
     # -- requests ------------------------------------------------------------------------------------
     def admit(self, pairs: int, deadline_s: float | None) -> Ticket:

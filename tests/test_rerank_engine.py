@@ -30,6 +30,10 @@ def test_chunks_are_sized_by_measured_time_and_capped():
     assert s.budget() == 40 and s.size_alone(big) == 40
     s.observe(computed_pairs=16, seconds=1.0)  # slower: down at once
     assert s.pairs_per_s == 16 and s.size_alone(big) == 4
+    s.observe(computed_pairs=16, seconds=1.0, compute_seconds=0.1)  # 0.9 s of the batch was not the model
+    assert s.pairs_per_s == 16  # admission: what callers wait
+    assert s.compute_pairs_per_s == pytest.approx(0.3 * 160 + 0.7 * 16)  # chunks: the model's own rate
+    assert s.size_alone(big) == round(s.compute_pairs_per_s * 0.25)
     small = s.admit(WHOLE_PAIRS, None)
     assert s.size_alone(small) == WHOLE_PAIRS  # a small request is one chunk, whatever the budget
     off = Scheduler(chunk_cap=128, chunk_s=0)  # rerank_chunk_ms=0: chunks of rerank_chunk_pairs
