@@ -327,3 +327,18 @@ def test_rerank_and_ready_answers():
     ready = Client(URL, transport=httpx.MockTransport(rec)).ready()
     assert not ready and "loading" in ready.reason and ready.components["reranker"]["ready"] is False
     assert len(rec.requests) == 1  # a probe is not retried
+
+
+def test_sync_and_async_twins_and_the_retrievers_pairs():
+    from rag.integrations.langchain import LangChainRetriever
+    from rag.integrations.llamaindex import LlamaIndexRetriever
+
+    policy = RetryPolicy(attempts=2)
+    c = Client(URL, api_key="k", timeout_s=7, retry=policy)
+    twin = c.to_async()
+    assert (twin.url, twin.timeout_s, twin.retry, twin._headers) == (URL, 7, policy, c._headers)
+    assert c.to_async().to_sync()._headers["authorization"] == "Bearer k"
+    for r in (LangChainRetriever(client=c), LlamaIndexRetriever(client=c)):
+        assert r.client is c and r.async_client.url == URL and r.async_client._headers == c._headers
+    lc = LangChainRetriever(url=URL, api_key="s3cret", top_k=3)
+    assert lc.client._headers["authorization"] == "Bearer s3cret" and "s3cret" not in repr(lc)

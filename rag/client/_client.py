@@ -20,7 +20,7 @@ import httpx
 from rag.client import _calls
 from rag.client._errors import error_for_transport
 from rag.client._retry import Call, RetryPolicy, Sleep, Step, exchange, run_async, run_sync
-from rag.client.types import Readiness, RerankResult, SearchAnswer, SSEDecoder, StreamEvent
+from rag.client.types import Mode, Readiness, RerankResult, SearchAnswer, SSEDecoder, StreamEvent
 from rag.errors import ConfigError, StageTimeout, StageUnavailable
 
 __all__ = ["AsyncClient", "Client"]
@@ -58,10 +58,14 @@ class _Base:
         self.url = str(url).rstrip("/")
         self.timeout_s = float(timeout_s)
         self.retry = retry or RetryPolicy()
+        self._api_key = api_key or ""  # resolved: "" sends none
         self._headers = {"user-agent": _user_agent()}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._rng = random.Random()
+
+    def _twin(self) -> dict[str, Any]:
+        return {"api_key": self._api_key, "timeout_s": self.timeout_s, "retry": self.retry}
 
     def _policy(self, call: Call) -> Any:
         return exchange(call, self.retry, self.timeout_s, base_url=self.url, uniform=self._rng.uniform)
@@ -126,7 +130,7 @@ class Client(_Base):
         budget_ms: float | None = None,
         collection: str | None = None,
         filter: Filter | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
     ) -> SearchAnswer:
         """``POST /search``: both stages, the timings, and whether (and why not) stage 2 ran. Unset values
         take the service's defaults; ``mode`` (dense | lexical | hybrid) is sent only when given."""
@@ -143,7 +147,7 @@ class Client(_Base):
         collection: str | None = None,
         filter: Filter | None = None,
         budget_ms: float | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
     ) -> list[dict[str, Any]]:
         """``rag.pipeline.retrieve_and_rerank`` over HTTP: ``fetch_k`` candidates, reranked, the best
         ``top_k``."""
@@ -157,7 +161,7 @@ class Client(_Base):
         *,
         collection: str | None = None,
         filter: Filter | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
     ) -> list[dict[str, Any]]:
         """``rag.pipeline.retrieve`` over HTTP: stage 1 alone, ``score == dense_score``."""
         return self.search(query, fetch_k=k, top_k=k, rerank=False, collection=collection, filter=filter,
@@ -173,7 +177,7 @@ class Client(_Base):
         budget_ms: float | None = None,
         collection: str | None = None,
         filter: Filter | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
     ) -> Iterator[StreamEvent]:
         """``POST /search/stream``: a ``DenseEvent`` as soon as stage 1 is done, a ``RerankedEvent``, a
         ``DoneEvent``. The request goes out at the first ``next()``; it is retried only until the stream
@@ -220,6 +224,10 @@ class Client(_Base):
             return Readiness(ready=False, reason=str(e))
 
     # -- lifecycle --------------------------------------------------------------------------------
+    def to_async(self) -> AsyncClient:
+        """An ``AsyncClient`` for the same service, key, timeout and retry policy (its own pool)."""
+        return AsyncClient(self.url, **self._twin())
+
     def close(self) -> None:
         """Close the connection pool (the client cannot be used after)."""
         self._http.close()
@@ -279,7 +287,7 @@ class AsyncClient(_Base):
         budget_ms: float | None = None,
         collection: str | None = None,
         filter: Filter | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
     ) -> SearchAnswer:
         """See ``Client.search``."""
         call = _calls.search(query, fetch_k=fetch_k, top_k=top_k, rerank=rerank, budget_ms=budget_ms,
@@ -295,7 +303,7 @@ class AsyncClient(_Base):
         collection: str | None = None,
         filter: Filter | None = None,
         budget_ms: float | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
     ) -> list[dict[str, Any]]:
         """See ``Client.retrieve_and_rerank``."""
         return (await self.search(query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter,
@@ -308,7 +316,7 @@ class AsyncClient(_Base):
         *,
         collection: str | None = None,
         filter: Filter | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
     ) -> list[dict[str, Any]]:
         """See ``Client.retrieve``."""
         return (await self.search(query, fetch_k=k, top_k=k, rerank=False, collection=collection,
@@ -324,7 +332,7 @@ class AsyncClient(_Base):
         budget_ms: float | None = None,
         collection: str | None = None,
         filter: Filter | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """See ``Client.search_stream``; leave the loop early with ``contextlib.aclosing`` around it so the
         connection closes at once."""
@@ -367,6 +375,10 @@ class AsyncClient(_Base):
             return _calls.read_ready(await self._call(_calls.READY))
         except (StageUnavailable, StageTimeout) as e:
             return Readiness(ready=False, reason=str(e))
+
+    def to_sync(self) -> Client:
+        """A ``Client`` for the same service, key, timeout and retry policy (its own pool)."""
+        return Client(self.url, **self._twin())
 
     async def aclose(self) -> None:
         """Close the connection pool."""

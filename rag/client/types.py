@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "DenseEvent",
     "DoneEvent",
+    "Mode",
     "Readiness",
     "RerankResult",
     "RerankedEvent",
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 Hits = list[dict[str, Any]]
+Mode = Literal["dense", "lexical", "hybrid"]  # /search's stage-1 mode (the service validates it)
 
 
 class _Answer(BaseModel):

@@ -31,8 +31,9 @@ class LangChainRetriever(BaseRetriever):
     """Retrieval and reranking by a rag-serve service, as a LangChain retriever.
 
     ``fetch_k`` candidates are reranked and the best ``top_k`` returned (``rerank=False``: stage 1 alone);
-    ``collection``, ``filter``, ``mode`` and ``budget_ms`` go to ``/search`` as given. Pass ``client`` /
-    ``async_client`` to share connection pools, or ``url`` and ``api_key`` to have the retriever make them.
+    ``collection``, ``filter``, ``mode`` and ``budget_ms`` go to ``/search`` as given. Pass ``client``
+    (and/or ``async_client``) to share connection pools, or ``url`` and ``api_key`` (``timeout_s``,
+    ``retry``) to have the retriever make them; the missing one of the pair is made like the given one.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -53,13 +54,15 @@ class LangChainRetriever(BaseRetriever):
     _owned: list[Any] = PrivateAttr(default_factory=list)
 
     def model_post_init(self, context: Any, /) -> None:
-        key = self.api_key.get_secret_value() if self.api_key is not None else None
-        opts: dict[str, Any] = {"api_key": key, "timeout_s": self.timeout_s, "retry": self.retry}
+        if self.client is None and self.async_client is not None:
+            self.client = self.async_client.to_sync()
+            self._owned.append(self.client)
         if self.client is None:
-            self.client = Client(self.url, **opts)
+            key = self.api_key.get_secret_value() if self.api_key is not None else None
+            self.client = Client(self.url, api_key=key, timeout_s=self.timeout_s, retry=self.retry)
             self._owned.append(self.client)
         if self.async_client is None:
-            self.async_client = AsyncClient(self.url, **opts)
+            self.async_client = self.client.to_async()
             self._owned.append(self.async_client)
 
     def _options(self) -> dict[str, Any]:

@@ -63,13 +63,15 @@ class LlamaIndexRetriever(BaseRetriever):
         self.options: dict[str, Any] = {"fetch_k": fetch_k, "top_k": top_k, "rerank": rerank,
                                         "collection": collection, "filter": filter, "mode": mode,
                                         "budget_ms": budget_ms}  # fmt: skip
-        opts: dict[str, Any] = {"api_key": api_key, "timeout_s": timeout_s, "retry": retry}
         self._owned: list[Client | AsyncClient] = []
+        if client is None and async_client is not None:
+            client = async_client.to_sync()
+            self._owned.append(client)
         if client is None:
-            client = Client(url, **opts)
+            client = Client(url, api_key=api_key, timeout_s=timeout_s, retry=retry)
             self._owned.append(client)
         if async_client is None:
-            async_client = AsyncClient(url, **opts)
+            async_client = client.to_async()
             self._owned.append(async_client)
         self.client, self.async_client = client, async_client
 
