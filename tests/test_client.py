@@ -406,7 +406,14 @@ def test_langchain_retriever(app, client, coll):
     q = QUERIES[4]
     expected = client.retrieve_and_rerank(q, fetch_k=FETCH_K, top_k=TOP_K, collection=coll)
     r = LangChainRetriever(url=app.url, api_key=KEY, fetch_k=FETCH_K, top_k=TOP_K, collection=coll)
-    for docs in (r.invoke(q), run(r.ainvoke(q))):
+
+    async def ainvoke() -> list[Document]:  # an AsyncClient's connections belong to one event loop
+        try:
+            return await r.ainvoke(q)
+        finally:
+            await r.aclose()
+
+    for docs in (r.invoke(q), run(ainvoke())):
         assert all(isinstance(d, Document) for d in docs)
         assert [d.page_content for d in docs] == [h["content"] for h in expected]
         assert [d.id for d in docs] == [h["id"] for h in expected]
@@ -421,7 +428,6 @@ def test_langchain_retriever(app, client, coll):
     assert all(d.metadata["score"] == d.metadata["dense_score"] for d in narrowed)  # the budget went through
     with pytest.raises(CollectionError):
         LangChainRetriever(client=client, collection="nope_" + "z" * 8).invoke(q)
-    run(r.aclose())
 
 
 def test_llamaindex_retriever(app, client, coll):
@@ -432,7 +438,14 @@ def test_llamaindex_retriever(app, client, coll):
     q = QUERIES[5]
     expected = client.retrieve_and_rerank(q, fetch_k=FETCH_K, top_k=TOP_K, collection=coll)
     r = LlamaIndexRetriever(app.url, api_key=KEY, fetch_k=FETCH_K, top_k=TOP_K, collection=coll)
-    for nodes in (r.retrieve(q), run(r.aretrieve(QueryBundle(q)))):
+
+    async def aretrieve() -> list[NodeWithScore]:
+        try:
+            return await r.aretrieve(QueryBundle(q))
+        finally:
+            await r.aclose()
+
+    for nodes in (r.retrieve(q), run(aretrieve())):
         assert all(isinstance(n, NodeWithScore) for n in nodes)
         assert [n.score for n in nodes] == [h["score"] for h in expected]
         assert [n.node.node_id for n in nodes] == [h["id"] for h in expected]
@@ -443,7 +456,6 @@ def test_llamaindex_retriever(app, client, coll):
         assert expected[0]["source"] in llm_view and "dense_score" not in llm_view
     dense = LlamaIndexRetriever(client=client, rerank=False, top_k=4).retrieve(q)
     assert [n.score for n in dense] == [n.node.metadata["dense_score"] for n in dense] and len(dense) == 4
-    r.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -342,3 +342,21 @@ def test_sync_and_async_twins_and_the_retrievers_pairs():
         assert r.client is c and r.async_client.url == URL and r.async_client._headers == c._headers
     lc = LangChainRetriever(url=URL, api_key="s3cret", top_k=3)
     assert lc.client._headers["authorization"] == "Bearer s3cret" and "s3cret" not in repr(lc)
+
+
+def test_the_client_is_light():
+    """An application that only talks to the service loads no model library, no Ray, no database driver,
+    and neither framework until its retriever is asked for."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rag.client, rag.integrations\n"
+        "rag.client.Client('http://127.0.0.1:9'); rag.client.Client()\n"
+        "heavy = {'torch', 'ray', 'numpy', 'psycopg', 'sentence_transformers', 'transformers', 'openvino',\n"
+        "         'langchain_core', 'llama_index'}\n"
+        "loaded = sorted(heavy & {m.split('.')[0] for m in sys.modules})\n"
+        "assert not loaded, loaded\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
