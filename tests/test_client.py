@@ -64,7 +64,7 @@ class App:
     def deploy(self, cfg: dict[str, Any]) -> None:
         from deployments.launch import deploy
 
-        deploy(cfg, host="127.0.0.1", port=self.port, timeout_s=300)
+        deploy(cfg, host="127.0.0.1", port=self.port, timeout_s=600)  # slow on a busy machine
 
     def configured(self, **deployments: dict[str, Any]) -> dict[str, Any]:
         """A copy of the config with deployment options merged in (``user_config`` merged key by key)."""

@@ -85,7 +85,8 @@ class Client(_Base):
     ``url`` defaults to ``RAG_SERVICE_URL``, else the local ``rag serve`` (``RAG_SERVE_HOST``:``PORT``);
     ``api_key`` to ``RAG_API_KEY`` (sent as ``Authorization: Bearer``; ``""`` sends none). ``timeout_s``
     bounds each try, ``retry`` the retries and the whole call. Errors are the ``rag.errors`` types the
-    library raises in-process. ``transport`` is httpx's (e.g. ``httpx.MockTransport`` in tests).
+    library raises in-process. ``limits`` sizes the connection pool (httpx's default: 100 connections, 20
+    kept alive); ``transport`` replaces httpx's (e.g. ``httpx.MockTransport`` in tests).
     """
 
     def __init__(
