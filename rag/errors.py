@@ -18,6 +18,7 @@ __all__ = [
     "RagError",
     "RerankerError",
     "Retryable",
+    "ServiceError",
     "StageTimeout",
     "StageUnavailable",
     "StoreUnavailable",
@@ -29,6 +30,7 @@ class RagError(Exception):
     """Base class: everything this project raises on purpose."""
 
     error_type = "rag_error"
+    status_code: int | None = None  # the HTTP status it arrived with, when rag.client raised it
 
 
 class Unauthenticated(RagError):
@@ -120,3 +122,12 @@ class RerankerError(ModelError):
     """Stage 2 failed (model error, Cohere API error or timeout)."""
 
     error_type = "reranker_error"
+
+
+class ServiceError(RagError):
+    """The service answered with an error no type above describes: a bug there (500 ``internal_error``), an
+    unknown route (404), a proxy's error page. ``rag.client`` raises it with the answer's ``status_code`` and
+    ``error_type``; the service itself never raises it."""
+
+    error_type = "service_error"
+

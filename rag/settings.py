@@ -68,11 +68,13 @@ def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
     return Field(default, json_schema_extra=extra, **kw)
 
 
-# Never written into a Serve config, a log line or /info: they travel through the environment.
-SECRETS = frozenset({"database_url", "cohere_api_key", "api_keys"})
+# Never written into a Serve config, a log line or /info: they travel through the environment. (api_key is the
+# client's own key: never the service's, and never put into a Serve config by `rag serve` either.)
+SECRETS = frozenset({"database_url", "cohere_api_key", "api_keys", "api_key"})
 
 _CLI = "used by the CLI process only (rag ingest / rag db), never by a Serve replica"
 _LAUNCH = "bound by `rag serve` itself when it starts Ray and the HTTP proxy"
+_CLIENT = "read by the Python client (rag.client) in the caller's process, never by the service"
 
 
 class Settings(BaseSettings):
@@ -275,6 +277,20 @@ class Settings(BaseSettings):
         "`Authorization: Bearer <key>`. Unset: the service is open (and says so at start-up).",
     )
 
+    # --- the Python client (rag.client) ------------------------------------------------------------
+    api_key: SecretStr | None = _f(
+        None,
+        local=_CLIENT,
+        description="The key rag.client.Client / AsyncClient send as `Authorization: Bearer <key>` when "
+        "none is passed (one of the service's RAG_API_KEYS).",
+    )
+    service_url: str | None = _f(
+        None,
+        local=_CLIENT,
+        description="The service rag.client talks to when no URL is passed (unset: "
+        "http://<serve_host>:<serve_port>, where `rag serve` listens).",
+    )
+
     @field_validator("collection")
     @classmethod
     def _collection_name(cls, v: str) -> str:
@@ -303,6 +319,14 @@ class Settings(BaseSettings):
     @property
     def model_cache(self) -> Path:
         return (self.data_dir / "models").resolve()
+
+    @property
+    def client_url(self) -> str:
+        """Where rag.client connects when no URL is passed: ``service_url``, else the local ``rag serve``."""
+        if self.service_url:
+            return self.service_url.rstrip("/")
+        host = "127.0.0.1" if self.serve_host in ("", "0.0.0.0", "::") else self.serve_host
+        return f"http://[{host}]:{self.serve_port}" if ":" in host else f"http://{host}:{self.serve_port}"
 
     def with_overrides(self, **kw: object) -> Settings:
         """A copy with the non-None keyword arguments applied (CLI flags)."""

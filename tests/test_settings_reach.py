@@ -144,7 +144,7 @@ def reach(store, embedder, db_url, state_dir):
     port = free_port()
     mp = pytest.MonkeyPatch()
     try:
-        for field in SECRETS:
+        for field in SECRETS & values.keys():  # the service's secrets (api_key is the client's)
             mp.setenv(f"RAG_{field.upper()}", values[field])
         with ray_cluster("rag-reach-tests"):
             deploy(cfg, host="127.0.0.1", port=port, timeout_s=600)
