@@ -130,4 +130,3 @@ class ServiceError(RagError):
     ``error_type``; the service itself never raises it."""
 
     error_type = "service_error"
-
