@@ -6,7 +6,8 @@
 
 Each hit is a dict with at least ``id``, ``content``, ``source``, ``score`` (rerank score; the dense score
 when stage 2 did not run) and ``dense_score`` (cosine similarity from stage 1). The policy (validation,
-when to rerank and when to degrade, ranking) is ``rag.search``'s, the same one the Serve app runs.
+when to rerank and when to degrade, ranking) is ``rag.search``'s, and stage 2 is ``rag.rerank_engine``'s
+(windows, score cache, chunks), the same ones the Serve app runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from rag.rerank import Reranker, make_reranker
+from rag.rerank import RerankBackend, make_reranker
+from rag.rerank_engine import RerankEngine, RerankOptions
 from rag.search import (
     Embed,
     Rerank,
@@ -45,13 +47,14 @@ class Pipeline:
         *,
         embedder: Embedder | None = None,
         store: Store | None = None,
-        reranker: Reranker | None = None,
+        reranker: RerankBackend | None = None,
     ) -> None:
         self.settings = settings or get_settings()
         self.config = self.settings.slice("search")
         self._embedder = embedder
         self._store = store
         self._reranker = reranker
+        self._engine: RerankEngine | None = None
         self._lock = threading.Lock()
 
     # -- lazily built parts -----------------------------------------------------------------------
@@ -61,7 +64,7 @@ class Pipeline:
             if self._embedder is None:
                 from rag.embed import make_embedder
 
-                self._embedder = make_embedder(self.settings)
+                self._embedder = make_embedder(self.settings.slice("embedder"))
             return self._embedder
 
     @property
@@ -71,16 +74,26 @@ class Pipeline:
                 from rag.db import database_url
                 from rag.store import Store
 
-                cfg: Any = self.settings.slice("store")
+                cfg = self.settings.slice("store")
                 self._store = Store(database_url(self.settings), **cfg.store_kwargs(writer=True))
             return self._store
 
     @property
-    def reranker(self) -> Reranker:
+    def reranker(self) -> RerankBackend:
+        """The rerank backend (built from the settings unless given)."""
         with self._lock:
             if self._reranker is None:
-                self._reranker = make_reranker(self.settings)
+                self._reranker = make_reranker(self.settings.slice("reranker"))
             return self._reranker
+
+    @property
+    def engine(self) -> RerankEngine:
+        """Stage 2: the rerank engine over ``reranker``, as a Reranker replica runs it."""
+        backend = self.reranker
+        with self._lock:
+            if self._engine is None:
+                self._engine = RerankEngine(backend, self.settings.slice("reranker"))
+            return self._engine
 
     def close(self) -> None:
         if self._store is not None:
@@ -96,14 +109,16 @@ class Pipeline:
             kw = {"filter": step.filter} if step.filter is not None else {}
             return self.store.search(step.collection, step.vector, step.k, **kw)
         if isinstance(step, Rerank):  # in-process: no timeout to apply, the call is ours
-            return self.reranker.score([(step.query, d) for d in step.documents])
+            return self.engine.rerank_sync(
+                step.query, step.documents, RerankOptions(kind="candidates")
+            ).scores
         raise TypeError(f"unknown step {step!r}")
 
     def retrieve(
         self, query: str, k: int = 8, *, collection: str | None = None, filter: Any = None
     ) -> list[dict]:
         """Stage 1 only: the ``k`` nearest chunks, ``score == dense_score``."""
-        c: Any = self.config
+        c = self.config
         validate_search(query, k, 1, max_fetch_k=c.max_fetch_k, max_chars=c.max_query_chars)
         res = self.search(query, fetch_k=k, top_k=k, rerank=False, collection=collection, filter=filter)
         return dense_hits(res.candidates, k)

@@ -58,6 +58,7 @@ NON_DEFAULT: dict[str, Any] = {
     "rerank_window_overlap": 32,
     "rerank_search_windows": 2,
     "rerank_chunk_pairs": 48,
+    "rerank_chunk_ms": 400.0,
     "rerank_max_request_tokens": 500_000,
     "rerank_cache": False,
     "rerank_cache_entries": 5000,
@@ -179,7 +180,7 @@ def _expected(name: str, value: Any) -> Any:
     if name in ("cohere_api_key", "api_keys"):
         return "***"
     if name == "database_url":
-        from rag.errors import redact_url
+        from rag.settings import redact_url
 
         return redact_url(value)
     return value

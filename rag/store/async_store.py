@@ -15,11 +15,11 @@ import numpy as np
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from rag.errors import validate_collection_name
 from rag.store.filters import SearchFilter, parse_filter
 from rag.store.schema import REGISTRY_COLUMNS, SERVER_INFO_SQL, server_info_from_row, unavailable
 from rag.store.search import SearchHits, Target, check_k, check_vector, ef_search, plan_search
 from rag.store.tables import BROKEN, missing, table_changed, target_from_row
+from rag.validation import validate_collection_name
 
 __all__ = ["AsyncStore"]
 

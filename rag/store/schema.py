@@ -15,7 +15,8 @@ from typing import Any
 
 import psycopg
 
-from rag.errors import StoreUnavailable, redact_url
+from rag.errors import StoreUnavailable
+from rag.settings import redact_url
 
 __all__ = [
     "REGISTRY_COLUMNS",

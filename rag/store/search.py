@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 from psycopg import sql
 
-from rag.errors import DimensionMismatch, InvalidInput, validate_collection_name
+from rag.errors import DimensionMismatch, InvalidInput
 from rag.store.filters import SearchFilter
+from rag.validation import validate_collection_name
 
 __all__ = [
     "DISTANCES",

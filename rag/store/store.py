@@ -11,12 +11,12 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from rag.errors import validate_collection_name
 from rag.store.collections import OwnedCollections
 from rag.store.filters import SearchFilter, parse_filter
 from rag.store.schema import REGISTRY_COLUMNS, SERVER_INFO_SQL, migrate, server_info_from_row, unavailable
 from rag.store.search import SearchHits, Target, check_k, check_vector, ef_search, plan_search
 from rag.store.tables import BROKEN, AttachedTables, missing, table_changed, target_from_row
+from rag.validation import validate_collection_name
 
 __all__ = ["Store"]
 

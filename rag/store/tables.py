@@ -26,8 +26,9 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from rag.errors import CollectionError, ConfigError, validate_collection_name
+from rag.errors import CollectionError, ConfigError
 from rag.store.search import DISTANCES, Target, owned_target
+from rag.validation import validate_collection_name
 
 __all__ = ["BROKEN", "ROLES", "AttachReport", "inspect_table", "table_changed", "target_from_row"]
 
