@@ -8,6 +8,7 @@
     rag bench serve    load test of a running Serve app's /search at several concurrencies; JSON + PNG
     rag bench cache    the rerank score cache off and on: Zipf-distributed repeated /search, p50/p95, hit rate
     rag bench soak     minutes of mixed load on a running app: statuses, p50/p99 per route, replica RSS
+    rag bench fairness small searches' rerank wait while one large /v2/rerank runs (issue 20)
 
 The work lives in ``rag.benchmarks``; heavy libraries load inside the commands, never at import.
 """
@@ -16,9 +17,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from rag.settings import Settings
 
 app = typer.Typer(
     help="Benchmarks: reranker, ingest embedding, pgvector store, Serve load test (see docs/BENCHMARKS.md).",
@@ -34,12 +38,19 @@ DatasetOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout.")]
 UrlOpt = Annotated[str, typer.Option(help="The running app (127.0.0.1/localhost only).")]
 OutOpt = Annotated[Path | None, typer.Option(help="Also write the JSON result to this file.")]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option(help="Bearer key (default: the first of RAG_API_KEYS, when set).")
+]
 
 
-def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
+def _settings(**overrides: Any) -> Settings:
     from rag.settings import get_settings
 
     return get_settings().with_overrides(**overrides)
+
+
+def _api_key(given: str | None) -> str | None:
+    return given or next(iter(_settings().slice("search").api_key_list()), None)
 
 
 def _finish(result: dict[str, Any], as_json: bool, out: Path | None, text: str) -> None:
@@ -355,9 +366,7 @@ def soak(
     documents: Annotated[int, typer.Option(help="Documents per rerank-route call.")] = 20,
     fetch_k: Annotated[int, typer.Option(help="Candidates per /search.")] = 100,
     top_k: Annotated[int, typer.Option(help="Results per request.")] = 8,
-    api_key: Annotated[
-        str | None, typer.Option(help="Bearer key (default: the first of RAG_API_KEYS, when set).")
-    ] = None,
+    api_key: ApiKeyOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the route and query sequence.")] = 0,
     out: OutOpt = None,
     as_json: JsonOpt = False,
@@ -377,9 +386,37 @@ def soak(
         documents=documents,
         top_k=top_k,
         fetch_k=fetch_k,
-        api_key=api_key or next(iter(_settings().slice("search").api_key_list()), None),
+        api_key=_api_key(api_key),
         seed=seed,
     )
     _finish(r, as_json, out, sk.summary(r))
     if not r["pass"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def fairness(
+    url: UrlOpt = "http://127.0.0.1:8000",
+    documents: Annotated[int, typer.Option(help="Documents of the one large /v2/rerank.")] = 1000,
+    chars: Annotated[int, typer.Option(help="Characters per document of the large request.")] = 1000,
+    clients: Annotated[int, typer.Option(help="Closed-loop /search clients.")] = 2,
+    fetch_k: Annotated[int, typer.Option(help="Candidates per /search.")] = 30,
+    before: Annotated[float, typer.Option(help="Seconds of searching before the large request.")] = 20.0,
+    api_key: ApiKeyOpt = None,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue 20's fairness scenario on the running app: searches/s and each search's rerank wait, before
+    and while one large /v2/rerank runs (the app needs RAG_MAX_BODY_BYTES above the large body's size)."""
+    from bench import fairness as fr
+
+    r = fr.run(
+        url=url,
+        documents=documents,
+        chars=chars,
+        clients=clients,
+        fetch_k=fetch_k,
+        before=before,
+        api_key=_api_key(api_key),
+    )
+    _finish(r, as_json, out, fr.summary(r))

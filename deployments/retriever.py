@@ -25,8 +25,8 @@ import numpy as np
 from ray import serve
 
 from deployments import metrics
-from rag.errors import StoreUnavailable, redact_url
-from rag.settings import StoreConfig
+from rag.errors import StoreUnavailable
+from rag.settings import StoreConfig, redact_url
 from rag.store import AsyncStore
 
 __all__ = ["Retriever"]

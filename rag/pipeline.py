@@ -8,7 +8,8 @@ Each hit is a dict with at least ``id``, ``content``, ``source``, ``score`` (rer
 when stage 2 did not run) and ``dense_score`` (cosine similarity from stage 1). ``mode`` picks stage 1:
 ``dense``, ``lexical`` or ``hybrid`` (default ``RAG_SEARCH_MODE``); the lexical and hybrid modes add
 ``lexical_rank`` and ``fused_score`` to each hit (``rag.store.hybrid``). The policy (validation, when to
-rerank and when to degrade, ranking) is ``rag.search``'s, the same one the Serve app runs.
+rerank and when to degrade, ranking) is ``rag.search``'s, and stage 2 is ``rag.rerank_engine``'s
+(windows, score cache, chunks), the same ones the Serve app runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from rag.rerank import Reranker, make_reranker
+from rag.rerank import RerankBackend, make_reranker
+from rag.rerank_engine import RerankEngine, RerankOptions
 from rag.search import (
     Embed,
     Rerank,
@@ -47,13 +49,14 @@ class Pipeline:
         *,
         embedder: Embedder | None = None,
         store: Store | None = None,
-        reranker: Reranker | None = None,
+        reranker: RerankBackend | None = None,
     ) -> None:
         self.settings = settings or get_settings()
         self.config = self.settings.slice("search")
         self._embedder = embedder
         self._store = store
         self._reranker = reranker
+        self._engine: RerankEngine | None = None
         self._lock = threading.Lock()
 
     # -- lazily built parts -----------------------------------------------------------------------
@@ -63,7 +66,7 @@ class Pipeline:
             if self._embedder is None:
                 from rag.embed import make_embedder
 
-                self._embedder = make_embedder(self.settings)
+                self._embedder = make_embedder(self.settings.slice("embedder"))
             return self._embedder
 
     @property
@@ -73,16 +76,26 @@ class Pipeline:
                 from rag.db import database_url
                 from rag.store import Store
 
-                cfg: Any = self.settings.slice("store")
+                cfg = self.settings.slice("store")
                 self._store = Store(database_url(self.settings), **cfg.store_kwargs(writer=True))
             return self._store
 
     @property
-    def reranker(self) -> Reranker:
+    def reranker(self) -> RerankBackend:
+        """The rerank backend (built from the settings unless given)."""
         with self._lock:
             if self._reranker is None:
-                self._reranker = make_reranker(self.settings)
+                self._reranker = make_reranker(self.settings.slice("reranker"))
             return self._reranker
+
+    @property
+    def engine(self) -> RerankEngine:
+        """Stage 2: the rerank engine over ``reranker``, as a Reranker replica runs it."""
+        backend = self.reranker
+        with self._lock:
+            if self._engine is None:
+                self._engine = RerankEngine(backend, self.settings.slice("reranker"))
+            return self._engine
 
     def close(self) -> None:
         if self._store is not None:
@@ -99,7 +112,9 @@ class Pipeline:
                 step.collection, step.vector, step.k, filter=step.filter, query=step.query, mode=step.mode
             )
         if isinstance(step, Rerank):  # in-process: no timeout to apply, the call is ours
-            return self.reranker.score([(step.query, d) for d in step.documents])
+            return self.engine.rerank_sync(
+                step.query, step.documents, RerankOptions(kind="candidates")
+            ).scores
         raise TypeError(f"unknown step {step!r}")
 
     def retrieve(
@@ -112,7 +127,7 @@ class Pipeline:
         mode: str | None = None,
     ) -> list[dict]:
         """Stage 1 only: the ``k`` best chunks in ``mode``, ``score`` = the stage-1 score."""
-        c: Any = self.config
+        c = self.config
         validate_search(query, k, 1, max_fetch_k=c.max_fetch_k, max_chars=c.max_query_chars)
         res = self.search(
             query, fetch_k=k, top_k=k, rerank=False, collection=collection, filter=filter, mode=mode

@@ -29,11 +29,11 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from rag.errors import Overloaded, RerankerError, StageTimeout, validate_collection_name
-from rag.settings import SearchConfig
-from rag.validation import check_mode, validate_search
+from rag.errors import Overloaded, RerankerError, StageTimeout
+from rag.stages import SearchConfig
+from rag.validation import check_mode, validate_collection_name, validate_search
 
 __all__ = [
     "SKIP_REASONS",
@@ -53,6 +53,7 @@ __all__ = [
     "two_stage",
 ]
 
+R = TypeVar("R")  # what a policy returns
 SKIP_REASONS = ("not_requested", "disabled", "no_candidates", "budget", "overloaded", "reranker_error")
 
 
@@ -131,14 +132,13 @@ def make_request(
     mode: str | None = None,
 ) -> SearchRequest:
     """A validated request; unset values take the configured defaults. Raises InvalidInput."""
-    c: Any = cfg
-    fetch_k = c.fetch_k if fetch_k is None else fetch_k
-    top_k = c.top_k if top_k is None else top_k
-    validate_search(query, fetch_k, top_k, max_fetch_k=c.max_fetch_k, max_chars=c.max_query_chars)
-    coll = validate_collection_name(collection) if collection is not None else c.collection
-    budget = budget_ms if budget_ms is not None else c.budget_ms
-    mode = check_mode(c.search_mode if mode is None else mode)
-    return SearchRequest(str(query), fetch_k, top_k, coll, rerank, budget, filter, vector, mode)  # type: ignore[arg-type]
+    fetch_k = cfg.fetch_k if fetch_k is None else fetch_k
+    top_k = cfg.top_k if top_k is None else top_k
+    validate_search(query, fetch_k, top_k, max_fetch_k=cfg.max_fetch_k, max_chars=cfg.max_query_chars)
+    coll = validate_collection_name(collection) if collection is not None else cfg.collection
+    budget = budget_ms if budget_ms is not None else cfg.budget_ms
+    mode = check_mode(cfg.search_mode if mode is None else mode)
+    return SearchRequest(str(query), fetch_k, top_k, coll, rerank, budget, filter, vector, mode)
 
 
 def rank(candidates: Sequence[dict], scores: Sequence[float], top_k: int) -> list[dict]:
@@ -256,10 +256,11 @@ def two_stage(
 
 
 # -- drivers ----------------------------------------------------------------------------------------------
-def run_sync(policy: Generator[Step, Any, SearchResult], do: Callable[[Step], Any]) -> SearchResult:
+def run_sync(policy: Generator[Any, Any, R], do: Callable[[Any], Any]) -> R:
     """Drive ``policy`` with a blocking ``do(step)``: ``run_async``'s loop, with nothing to wait for.
 
-    No event loop is needed (the coroutine never suspends), so it works inside a running one too."""
+    No event loop is needed (the coroutine never suspends), so it works inside a running one too. Any policy
+    generator: this module's, and the rerank engine's (``rag.rerank_engine``)."""
 
     async def call(step: Step) -> Any:
         return do(step)
@@ -274,10 +275,10 @@ def run_sync(policy: Generator[Step, Any, SearchResult], do: Callable[[Step], An
 
 
 async def run_async(
-    policy: Generator[Step, Any, SearchResult],
-    do: Callable[[Step], Awaitable[Any]],
+    policy: Generator[Any, Any, R],
+    do: Callable[[Any], Awaitable[Any]],
     on_dense: Callable[[Dense], Awaitable[None]] | None = None,
-) -> SearchResult:
+) -> R:
     """Drive ``policy`` with an async ``do(step)``; ``on_dense`` hears the stage-1 notice (streaming)."""
     try:
         step = next(policy)

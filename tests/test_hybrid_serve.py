@@ -2,9 +2,8 @@
 for the top 8 and hybrid search finds, through the Retriever deployment the ingress calls; the library finds
 the same candidates in every mode; /info says which lexical search the database offers.
 
-``POST /search`` with ``"mode"`` is written against the HTTP API as the issue asks; the ingress passes the mode
-on once the ingress split wires it (``_service.do`` hands ``query=`` and ``mode=`` to ``Retriever.search``), so
-that test is an expected failure until then (strict: it fails loudly once it passes).
+``POST /search`` and ``/search/stream`` take ``"mode"``; a mode the service does not know is a 422 that lists
+the modes.
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ def target(store, embedder, demo) -> str:
 def test_dense_misses_the_identifier_and_hybrid_finds_it_through_the_retriever(live, demo, target):
     vec = _handle("Embedder").embed.remote(QUERY).result(timeout_s=60)
     retriever = _handle("Retriever")
-    dense = retriever.search.remote(demo, vec, TOP_K).result(timeout_s=60)  # as the ingress calls it today
+    dense = retriever.search.remote(demo, vec, TOP_K).result(timeout_s=60)  # no mode: dense, as before modes
     hybrid = retriever.search.remote(demo, vec, TOP_K, query=QUERY, mode="hybrid").result(timeout_s=60)
     assert target not in [h["id"] for h in dense], "dense search finds it: the premise of this test changed"
     assert dense.strategy in ("hnsw", "exact")
@@ -90,7 +89,6 @@ def test_info_reports_the_lexical_search_the_database_offers(live):
     assert stages["search"]["config"]["search_mode"] == "hybrid"
 
 
-@pytest.mark.xfail(strict=True, reason="ingress mode field lands with the ingress split")
 def test_search_mode_field_over_http(live, target):
     def search(mode: str) -> dict:
         body = {"query": QUERY, "mode": mode, "fetch_k": 20, "top_k": TOP_K, "rerank": False}
@@ -102,3 +100,20 @@ def test_search_mode_field_over_http(live, target):
     assert target not in [h["id"] for h in dense["results"]]
     assert target in [h["id"] for h in hybrid["results"]]
     assert hybrid["timings_ms"]["strategy"].startswith("hybrid(")
+
+    lexical = search("lexical")
+    assert lexical["timings_ms"]["strategy"] == "bm25"
+    assert [h["id"] for h in lexical["results"]] == [target]  # only rows holding the term
+    assert lexical["results"][0]["fused_score"] == lexical["results"][0]["score"]  # stage 1's own score
+
+
+def test_stream_takes_the_mode_and_a_bad_mode_is_a_422(live, target):
+    body = {"query": QUERY, "mode": "hybrid", "fetch_k": 20, "top_k": TOP_K, "rerank": False}
+    with httpx.stream("POST", live + "/search/stream", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        text = "".join(r.iter_text())
+    assert target in text and "hybrid(" in text
+    r = httpx.post(live + "/search", json={"query": QUERY, "mode": "sparse"}, timeout=60)
+    assert r.status_code == 422, r.text
+    msg = str(r.json())
+    assert "dense" in msg and "lexical" in msg and "hybrid" in msg and "sparse" in msg

@@ -171,3 +171,46 @@ def test_a_newer_catalog_naming_a_missing_function_says_what_to_do(own_server) -
         reconcile_vector(url, Path("pgdata"))
     msg = str(ei.value)
     assert "vector_from_the_future" in msg and "9.9.9" in msg and "pg_dump" in msg, msg
+
+
+@pytest.mark.slow
+def test_model_runtimes_on_the_baseline_cpu(tmp_path) -> None:
+    """torch and OpenVINO pick their kernels at run time from CPUID: under the emulated Haswell they must pick
+    AVX2 ones and embed exactly as here. Opt-in (-m slow): about 7 minutes under emulation on 2 cores."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    qemu = _qemu()
+    code = (
+        "import sys, numpy as np\n"
+        "from rag.embed import Embedder\n"
+        "out = {}\n"
+        "for rt in ('torch', 'openvino'):\n"
+        "    e = Embedder('sentence-transformers/all-MiniLM-L6-v2', offline=True, runtime=rt,"
+        " dtype='float32', cache_dir=sys.argv[2] + '/' + rt)\n"
+        "    out[rt] = e.embed_queries(['how do I parse a date string', 'socket timeout error'])\n"
+        "np.savez(sys.argv[1], **out)\n"
+    )
+    native, emulated = tmp_path / "native.npz", tmp_path / "haswell.npz"
+    subprocess.run([sys.executable, "-c", code, str(native), str(tmp_path / "n")], check=True, timeout=600)
+    p = subprocess.run(
+        [
+            qemu,
+            "-cpu",
+            portability.BASELINE_CPU,
+            sys.executable,
+            "-c",
+            code,
+            str(emulated),
+            str(tmp_path / "q"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = np.load(native), np.load(emulated)
+    for rt in ("torch", "openvino"):
+        assert np.allclose(a[rt], b[rt], atol=2e-3), (rt, float(np.abs(a[rt] - b[rt]).max()))

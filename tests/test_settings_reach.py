@@ -65,6 +65,7 @@ NON_DEFAULT: dict[str, Any] = {
     "rerank_window_overlap": 32,
     "rerank_search_windows": 2,
     "rerank_chunk_pairs": 48,
+    "rerank_chunk_ms": 400.0,
     "rerank_max_request_tokens": 500_000,
     "rerank_cache": False,
     "rerank_cache_entries": 5000,
@@ -151,7 +152,7 @@ def reach(store, embedder, db_url, state_dir):
     port = free_port()
     mp = pytest.MonkeyPatch()
     try:
-        for field in SECRETS:
+        for field in SECRETS & values.keys():  # the service's secrets (api_key is the client's)
             mp.setenv(f"RAG_{field.upper()}", values[field])
         with ray_cluster("rag-reach-tests"):
             deploy(cfg, host="127.0.0.1", port=port, timeout_s=600)
@@ -187,7 +188,7 @@ def _expected(name: str, value: Any) -> Any:
     if name in ("cohere_api_key", "api_keys"):
         return "***"
     if name == "database_url":
-        from rag.errors import redact_url
+        from rag.settings import redact_url
 
         return redact_url(value)
     return value

@@ -9,10 +9,11 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from rag.errors import CollectionError, validate_collection_name
+from rag.errors import CollectionError
 from rag.store.lexical import LexicalIndex
 from rag.store.search import Target
 from rag.store.tables import AttachReport, _fail, inspect_table
+from rag.validation import validate_collection_name
 
 __all__ = ["AttachedTables"]
 

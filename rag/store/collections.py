@@ -24,10 +24,11 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from rag.errors import CollectionError, DimensionMismatch, InvalidInput, validate_collection_name
+from rag.errors import CollectionError, DimensionMismatch, InvalidInput
 from rag.store.lexical import LexicalIndex, owned_lexical_ddl, owned_lexical_index
 from rag.store.schema import lexical_method
 from rag.store.search import Target, owned_target
+from rag.validation import validate_collection_name
 
 __all__ = ["ChunkRow", "DocumentRow", "OwnedCollections", "WriteStats", "attached_refusal", "owned_tables"]
 

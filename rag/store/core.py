@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from rag.errors import validate_collection_name
 from rag.store.filters import SearchFilter, parse_filter
 from rag.store.hybrid import Fusion, plan
 from rag.store.schema import (
@@ -30,7 +29,7 @@ from rag.store.schema import (
 )
 from rag.store.search import SearchHits, Step, Target, check_k, check_vector, ef_search
 from rag.store.tables import BROKEN, dense_only_notice, missing, table_changed, target_from_row
-from rag.validation import check_mode, check_text
+from rag.validation import check_mode, check_text, validate_collection_name
 
 __all__ = ["Program", "StoreCore"]
 

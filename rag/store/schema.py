@@ -19,7 +19,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from rag.errors import ConfigError, StoreUnavailable, redact_url
+from rag.errors import ConfigError, StoreUnavailable
+from rag.settings import redact_url
 from rag.store.lexical import bm25_available, owned_lexical_ddl, owned_lexical_index
 
 __all__ = [

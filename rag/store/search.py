@@ -42,9 +42,10 @@ from typing import Any
 import numpy as np
 from psycopg import sql
 
-from rag.errors import DimensionMismatch, InvalidInput, validate_collection_name
+from rag.errors import DimensionMismatch, InvalidInput
 from rag.store.filters import SearchFilter
 from rag.store.lexical import LexicalIndex
+from rag.validation import validate_collection_name
 
 __all__ = [
     "DISTANCES",

@@ -29,9 +29,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from rag.errors import CollectionError, ConfigError, validate_collection_name
+from rag.errors import CollectionError, ConfigError
 from rag.store.lexical import LexicalIndex, detect
 from rag.store.search import DISTANCES, Target, owned_target
+from rag.validation import validate_collection_name
 
 __all__ = [
     "BROKEN",
