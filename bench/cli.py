@@ -2,7 +2,9 @@
 
     rag bench rerank   seed CrossEncoder.predict fp32 vs our reranker on Cranfield; fidelity; FLOPs, floor
     rag bench ingest   document embedding vs plain SentenceTransformer.encode; stage-1 nDCG@10 per dtype
-    rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search
+    rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search;
+                       --filters: filtered search; --modes: dense, lexical and hybrid search, index builds
+    rag bench fusion   hybrid fusion's parameters (RRF k, weights, depth; min-max score fusion) on Cranfield
     rag bench serve    load test of a running Serve app's /search at several concurrencies; JSON + PNG
     rag bench cache    the rerank score cache off and on: Zipf-distributed repeated /search, p50/p95, hit rate
     rag bench soak     minutes of mixed load on a running app: statuses, p50/p99 per route, replica RSS
@@ -164,10 +166,19 @@ def store(
             "filtered search, p50/p99, rows returned, strategy), with and without iterative scans.",
         ),
     ] = False,
+    modes: Annotated[
+        bool,
+        typer.Option(
+            "--modes",
+            help="Search modes instead: dense, lexical and hybrid p50/p99 with and without a 5% filter, "
+            "with BM25 (pg_textsearch) and the built-in full-text search; each lexical index's build time "
+            "and size.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
-    """pgvector HNSW at 200k+ vectors: build time, latency and recall per ef_search (or --filters).
+    """pgvector HNSW at 200k+ vectors: build time, latency and recall per ef_search (or --filters, --modes).
 
     COPY (rag.store) into a temporary collection, build the HNSW index, then p50/p99 latency and recall@k
     against exact search for each ef_search; reports the smallest ef_search with
@@ -176,6 +187,22 @@ def store(
     the configured ef_search (--ef-search is ignored; --queries defaults to 200 there too)."""
     from bench import store as sb
 
+    if modes:
+        from bench import store_modes as sm
+
+        r = sm.run_modes(
+            _settings(),
+            n=vectors,
+            dim=dim,
+            clusters=clusters,
+            n_queries=queries,
+            k=k,
+            maintenance_work_mem=maintenance_work_mem,
+            parallel_workers=parallel_workers,
+            keep=keep,
+        )
+        _finish(r, as_json, out, sm.modes_summary(r))
+        return
     if filters:
         r = sb.run_filters(
             _settings(),
@@ -204,6 +231,33 @@ def store(
         keep=keep,
     )
     _finish(r, as_json, out, sb.summary(r))
+
+
+@app.command()
+def fusion(
+    dataset: DatasetOpt = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", "-c", help="Collection [the dataset folder's name].")
+    ] = None,
+    fetch_k: Annotated[int, typer.Option(help="Stage-1 candidates.")] = 100,
+    top_k: Annotated[int, typer.Option(help="recall@top_k.")] = 8,
+    as_json: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Hybrid fusion's parameters on Cranfield: RRF k, lexical weight and depth, and min-max score fusion,
+    computed from the store's own dense and lexical rankings; checks the service's setting against the
+    store's hybrid search. Ingests the dataset on first use (as `rag eval`). A few minutes."""
+    from bench import fusion as fb
+    from bench.common import find_cranfield
+    from rag.eval import ensure_corpus, load_beir
+    from rag.pipeline import Pipeline
+
+    ds = load_beir(find_cranfield(dataset))
+    coll = collection or ds.name
+    p = Pipeline(_settings(collection=coll, reranker="none"))
+    ensure_corpus(p, ds, coll)
+    r = fb.run(p, ds, collection=coll, top_k=top_k, fetch_k=fetch_k)
+    _finish(r, as_json, out, fb.summary(r))
 
 
 @app.command()

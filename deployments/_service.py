@@ -95,10 +95,10 @@ class SearchService(StageCalls):
         if isinstance(step, Embed):
             return await self.call("embed", self.embedder.embed.remote(step.query), c.embed_timeout_s)
         if isinstance(step, Retrieve):
-            args = (step.collection, step.vector, step.k) + (
-                (step.filter,) if step.filter is not None else ()
+            call = self.retriever.search.remote(
+                step.collection, step.vector, step.k, step.filter, query=step.query, mode=step.mode
             )
-            return await self.call("retrieve", self.retriever.search.remote(*args), c.retrieve_timeout_s)
+            return await self.call("retrieve", call, c.retrieve_timeout_s)
         if isinstance(step, Rerank):
             timeout_s = step.timeout_s if step.timeout_s is not None else c.rerank_wait_s
             response = self.reranker.rerank.remote(step.query, step.documents, deadline_s=timeout_s)

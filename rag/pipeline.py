@@ -4,9 +4,11 @@
     >>> hits = retrieve_and_rerank("how do I parse a date?", fetch_k=100, top_k=8)
     >>> hits[0]["id"], hits[0]["source"], hits[0]["score"], hits[0]["dense_score"]
 
-Each hit is a dict with at least ``id``, ``content``, ``source``, ``score`` (rerank score; the dense score
-when stage 2 did not run) and ``dense_score`` (cosine similarity from stage 1). The policy (validation,
-when to rerank and when to degrade, ranking) is ``rag.search``'s, and stage 2 is ``rag.rerank_engine``'s
+Each hit is a dict with at least ``id``, ``content``, ``source``, ``score`` (rerank score; the stage-1 score
+when stage 2 did not run) and ``dense_score`` (cosine similarity from stage 1). ``mode`` picks stage 1:
+``dense``, ``lexical`` or ``hybrid`` (default ``RAG_SEARCH_MODE``); the lexical and hybrid modes add
+``lexical_rank`` and ``fused_score`` to each hit (``rag.store.hybrid``). The policy (validation, when to
+rerank and when to degrade, ranking) is ``rag.search``'s, and stage 2 is ``rag.rerank_engine``'s
 (windows, score cache, chunks), the same ones the Serve app runs.
 """
 
@@ -106,8 +108,9 @@ class Pipeline:
         if isinstance(step, Embed):
             return self.embedder.embed_query(step.query)
         if isinstance(step, Retrieve):
-            kw = {"filter": step.filter} if step.filter is not None else {}
-            return self.store.search(step.collection, step.vector, step.k, **kw)
+            return self.store.search(
+                step.collection, step.vector, step.k, filter=step.filter, query=step.query, mode=step.mode
+            )
         if isinstance(step, Rerank):  # in-process: no timeout to apply, the call is ours
             return self.engine.rerank_sync(
                 step.query, step.documents, RerankOptions(kind="candidates")
@@ -115,12 +118,20 @@ class Pipeline:
         raise TypeError(f"unknown step {step!r}")
 
     def retrieve(
-        self, query: str, k: int = 8, *, collection: str | None = None, filter: Any = None
+        self,
+        query: str,
+        k: int = 8,
+        *,
+        collection: str | None = None,
+        filter: Any = None,
+        mode: str | None = None,
     ) -> list[dict]:
-        """Stage 1 only: the ``k`` nearest chunks, ``score == dense_score``."""
+        """Stage 1 only: the ``k`` best chunks in ``mode``, ``score`` = the stage-1 score."""
         c = self.config
         validate_search(query, k, 1, max_fetch_k=c.max_fetch_k, max_chars=c.max_query_chars)
-        res = self.search(query, fetch_k=k, top_k=k, rerank=False, collection=collection, filter=filter)
+        res = self.search(
+            query, fetch_k=k, top_k=k, rerank=False, collection=collection, filter=filter, mode=mode
+        )
         return dense_hits(res.candidates, k)
 
     def search(
@@ -134,8 +145,10 @@ class Pipeline:
         filter: Any = None,
         budget_ms: float | None = None,
         vector: Any = None,
+        mode: str | None = None,
     ) -> SearchResult:
-        """Both stages, with per-stage timings, what the reranker was, and why it did not run if not."""
+        """Both stages, with per-stage timings, what the reranker was, and why it did not run if not.
+        ``mode``: stage 1's (dense, lexical, hybrid; default ``RAG_SEARCH_MODE``)."""
         req = make_request(
             self.config,
             query,
@@ -146,6 +159,7 @@ class Pipeline:
             collection=collection,
             filter=_parse_filter(filter),
             vector=vector,
+            mode=mode,
         )
         self.store.collection_dim(req.collection)  # an unknown collection fails before any model loads
         reranker = self.reranker if rerank else None
@@ -165,9 +179,12 @@ class Pipeline:
         top_k: int = 8,
         collection: str | None = None,
         filter: Any = None,
+        mode: str | None = None,
     ) -> list[dict]:
-        """Fetch ``fetch_k`` candidates from pgvector, rerank them, return the best ``top_k``."""
-        return self.search(query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter).hits
+        """Fetch ``fetch_k`` candidates (stage 1 in ``mode``), rerank them, return the best ``top_k``."""
+        return self.search(
+            query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter, mode=mode
+        ).hits
 
 
 def _parse_filter(obj: Any) -> Any:
@@ -192,15 +209,29 @@ def default_pipeline() -> Pipeline:
         return _default
 
 
-def retrieve(query: str, k: int = 8, *, collection: str | None = None, filter: Any = None) -> list[dict]:
+def retrieve(
+    query: str,
+    k: int = 8,
+    *,
+    collection: str | None = None,
+    filter: Any = None,
+    mode: str | None = None,
+) -> list[dict]:
     """Stage 1 only with the default pipeline."""
-    return default_pipeline().retrieve(query, k, collection=collection, filter=filter)
+    return default_pipeline().retrieve(query, k, collection=collection, filter=filter, mode=mode)
 
 
 def retrieve_and_rerank(
-    query: str, *, fetch_k: int = 100, top_k: int = 8, collection: str | None = None, filter: Any = None
+    query: str,
+    *,
+    fetch_k: int = 100,
+    top_k: int = 8,
+    collection: str | None = None,
+    filter: Any = None,
+    mode: str | None = None,
 ) -> list[dict]:
-    """Both stages with the default pipeline: ``fetch_k`` dense candidates, reranked, best ``top_k``."""
+    """Both stages with the default pipeline: ``fetch_k`` candidates (stage 1 in ``mode``), reranked, the
+    best ``top_k``."""
     return default_pipeline().retrieve_and_rerank(
-        query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter
+        query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter, mode=mode
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, get_args, overload
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -33,11 +33,13 @@ if TYPE_CHECKING:  # defined in rag.stages, which builds them from Settings (see
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
     "DEFAULT_RERANK_MODEL",
+    "SEARCH_MODES",
     "SECRETS",
     "STAGES",
     "EmbedderConfig",
     "RerankerConfig",
     "SearchConfig",
+    "SearchMode",
     "Settings",
     "StageConfig",
     "StoreConfig",
@@ -54,10 +56,13 @@ RerankerBackend = Literal["cross-encoder", "cohere", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Runtime = Literal["auto", "torch", "openvino"]
+SearchMode = Literal["dense", "lexical", "hybrid"]
+LexicalIndexKind = Literal["auto", "bm25", "fts"]
 Screen = Literal["auto", "fp32", "bf16", "int8"]
 Aggregation = Literal["max", "mean", "first"]
 
 STAGES = ("embedder", "store", "reranker", "search")
+SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 
 
 def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
@@ -111,6 +116,42 @@ class Settings(BaseSettings):
         ge=1.0,
         le=10.0,
         description="ef_search = k x this: the recall margin over k (1.0 = exactly k).",
+    )
+    lexical_index: LexicalIndexKind = _f(
+        "auto",
+        "store",
+        description="Lexical index new collections get: bm25 (pg_textsearch), fts (tsvector + GIN, on every "
+        "PostgreSQL); auto = bm25 where the server has pg_textsearch, else fts.",
+    )
+    text_search_config: str = _f(
+        "english",
+        "store",
+        pattern=r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$",
+        description="PostgreSQL text search configuration (stemming, stop words) of new lexical indexes, "
+        "and of an attached tsvector column whose configuration cannot be read from its definition.",
+    )
+    # hybrid fusion (docs/retrieval.md: how the defaults were chosen)
+    fusion_rrf_k: int = _f(
+        60,
+        "store",
+        ge=1,
+        description="Reciprocal rank fusion's k: a row scores sum(weight / (k + rank)) over the sides "
+        "(dense, lexical) that returned it.",
+    )
+    fusion_depth_factor: float = _f(
+        2.0,
+        "store",
+        ge=1.0,
+        le=10.0,
+        description="Hybrid: each side fetches max(fusion_depth_min, k x this) rows (at most 1000) before "
+        "fusing them down to k.",
+    )
+    fusion_depth_min: int = _f(
+        50, "store", ge=1, le=1000, description="Hybrid: the fewest rows each side fetches."
+    )
+    fusion_dense_weight: float = _f(1.0, "store", ge=0.0, description="Hybrid: RRF weight of the dense side.")
+    fusion_lexical_weight: float = _f(
+        1.0, "store", ge=0.0, description="Hybrid: RRF weight of the lexical side."
     )
 
     # --- models --------------------------------------------------------------------------------
@@ -234,6 +275,12 @@ class Settings(BaseSettings):
 
     # --- retrieval defaults and limits -----------------------------------------------------------
     fetch_k: int = _f(100, "search", ge=1, description="Default stage-1 candidates.")
+    search_mode: SearchMode = _f(
+        "hybrid",
+        "search",
+        description="Default stage-1 mode: dense (pgvector), lexical (BM25 or full-text search) or hybrid "
+        "(both, fused by RRF in one SQL statement); chosen on Cranfield (docs/retrieval.md).",
+    )
     top_k: int = _f(8, "search", ge=1, description="Default results returned.")
     max_fetch_k: int = _f(
         1000, "search", ge=1, le=1000, description="Upper bound on fetch_k (pgvector caps at 1000)."

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
@@ -22,13 +22,18 @@ from rag.settings import (
     Aggregation,
     Device,
     DType,
+    LexicalIndexKind,
     RerankerBackend,
     Runtime,
     Screen,
+    SearchMode,
     Settings,
     field_stages,
     redact_url,
 )
+
+if TYPE_CHECKING:  # rag.store imports psycopg; the slices stay importable without it
+    from rag.store.hybrid import Fusion
 
 __all__ = [
     "SLICES",
@@ -107,6 +112,13 @@ class StoreConfig(StageConfig):
     hnsw_ef_construction: int = _same("hnsw_ef_construction")
     hnsw_ef_search_min: int = _same("hnsw_ef_search_min")
     hnsw_ef_search_factor: float = _same("hnsw_ef_search_factor")
+    lexical_index: LexicalIndexKind = _same("lexical_index")
+    text_search_config: str = _same("text_search_config")
+    fusion_rrf_k: int = _same("fusion_rrf_k")
+    fusion_depth_factor: float = _same("fusion_depth_factor")
+    fusion_depth_min: int = _same("fusion_depth_min")
+    fusion_dense_weight: float = _same("fusion_dense_weight")
+    fusion_lexical_weight: float = _same("fusion_lexical_weight")
 
     def ef_search_rule(self) -> str:
         return (
@@ -122,10 +134,28 @@ class StoreConfig(StageConfig):
             "timeout_s": self.connect_timeout_s,
             "ef_search_min": self.hnsw_ef_search_min,
             "ef_search_factor": self.hnsw_ef_search_factor,
+            "fusion": self.fusion(),
         }
         if writer:
-            kw.update(hnsw_m=self.hnsw_m, hnsw_ef_construction=self.hnsw_ef_construction)
+            kw.update(
+                hnsw_m=self.hnsw_m,
+                hnsw_ef_construction=self.hnsw_ef_construction,
+                lexical_index=self.lexical_index,
+                text_search_config=self.text_search_config,
+            )
         return kw
+
+    def fusion(self) -> Fusion:
+        """The hybrid fusion settings as ``rag.store.hybrid.Fusion``."""
+        from rag.store.hybrid import Fusion
+
+        return Fusion(
+            k=self.fusion_rrf_k,
+            dense_weight=self.fusion_dense_weight,
+            lexical_weight=self.fusion_lexical_weight,
+            depth_factor=self.fusion_depth_factor,
+            depth_min=self.fusion_depth_min,
+        )
 
 
 class RerankerConfig(ModelStage):
@@ -169,6 +199,7 @@ class SearchConfig(StageConfig):
     collection: str = _same("collection")
     rerank_max_tokens_per_doc: int = _same("rerank_max_tokens_per_doc")
     fetch_k: int = _same("fetch_k")
+    search_mode: SearchMode = _same("search_mode")
     top_k: int = _same("top_k")
     max_fetch_k: int = _same("max_fetch_k")
     max_query_chars: int = _same("max_query_chars")

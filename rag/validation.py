@@ -17,6 +17,7 @@ __all__ = [
     "COLLECTION_RE",
     "Pair",
     "ValidPairs",
+    "check_mode",
     "check_text",
     "text_problem",
     "validate_collection_name",
@@ -66,6 +67,15 @@ def validate_query(query: object, field: str = "query", *, max_chars: int | None
             "(RAG_MAX_QUERY_CHARS): shorten it"
         )
     return check_text(query, field)
+
+
+def check_mode(mode: object) -> str:
+    """A stage-1 mode: ``dense``, ``lexical`` or ``hybrid``."""
+    from rag.settings import SEARCH_MODES
+
+    if mode not in SEARCH_MODES:
+        raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+    return str(mode)
 
 
 def _positive_int(value: object, name: str, words: str) -> int:

@@ -87,7 +87,10 @@ def query(
     text: Annotated[str, typer.Argument(help="The question to search for.")],
     fetch_k: Annotated[int | None, typer.Option(help="Stage-1 candidates [RAG_FETCH_K, 100].")] = None,
     top_k: Annotated[int | None, typer.Option(help="Results to return [RAG_TOP_K, 8].")] = None,
-    no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Stage 1 only (dense order).")] = False,
+    no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Stage 1 only (its order).")] = False,
+    mode: Annotated[
+        str | None, typer.Option(help="Stage 1: dense, lexical or hybrid [RAG_SEARCH_MODE, hybrid].")
+    ] = None,
     collection: CollectionOpt = None,
     filter_json: Annotated[
         str | None,
@@ -106,7 +109,7 @@ def query(
 
     s = _settings(collection=collection)
     flt = _json_option(filter_json, "--filter")
-    res = Pipeline(s).search(text, fetch_k=fetch_k, top_k=top_k, rerank=not no_rerank, filter=flt)
+    res = Pipeline(s).search(text, fetch_k=fetch_k, top_k=top_k, rerank=not no_rerank, filter=flt, mode=mode)
     if as_json:
         _echo_json(
             {
@@ -120,7 +123,8 @@ def query(
         return
     for i, h in enumerate(res.hits, 1):
         snippet = " ".join(h["content"].split())[:160]
-        typer.echo(f"{i:>2}. score={h['score']:.4f} dense={h['dense_score']:.4f}  {h['id']}  [{h['source']}]")
+        dense = "-" if h["dense_score"] is None else f"{h['dense_score']:.4f}"
+        typer.echo(f"{i:>2}. score={h['score']:.4f} dense={dense}  {h['id']}  [{h['source']}]")
         typer.echo(f"    {snippet}")
     t = res.timings_ms
     typer.echo(
@@ -173,6 +177,10 @@ def eval_cmd(
         ),
     ],
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Evaluate stage 1 alone.")] = False,
+    mode: Annotated[
+        list[str] | None,
+        typer.Option(help="Stage-1 mode to evaluate; repeat for several [all: dense, lexical, hybrid]."),
+    ] = None,
     fetch_k: Annotated[int, typer.Option(help="Candidates for reranking.")] = 100,
     top_k: Annotated[int, typer.Option(help="Results kept (recall@top_k).")] = 8,
     collection: Annotated[
@@ -187,13 +195,18 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the JSON results and PNG chart.")] = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
 ) -> None:
-    """Compare stage 1 (retrieve, k=top_k) with stage 1 + rerank: recall@k, nDCG@10, MRR@10."""
+    """Each stage-1 mode (dense, lexical, hybrid) alone and reranked: recall@top_k, recall@fetch_k, nDCG@10,
+    MRR@10; a JSON and a PNG chart in --out. Reranked figures from the offline stand-in reranker measure
+    plumbing, not relevance (the output says so)."""
     from rag.eval import ensure_corpus, evaluate, load_dataset, save_results
     from rag.pipeline import Pipeline
-    from rag.validation import validate_search
+    from rag.settings import SEARCH_MODES
+    from rag.validation import check_mode, validate_search
 
     s = get_settings()
     validate_search("x", fetch_k, top_k, max_fetch_k=s.max_fetch_k)
+    for m in mode or ():
+        check_mode(m)
     ds = load_dataset(dataset)
     coll = collection or (ds.name if ds.corpus is not None else s.collection)
     p = Pipeline(s.with_overrides(collection=coll, **({"reranker": "none"} if no_rerank else {})))
@@ -207,6 +220,7 @@ def eval_cmd(
         top_k=top_k,
         limit=limit,
         progress=not as_json,
+        modes=mode or SEARCH_MODES,
     )
     jpath, ppath = save_results(res, out)
     res["files"] = {"json": str(jpath), "png": str(ppath) if ppath else None}

@@ -59,10 +59,11 @@ def db_status() -> None:
     from rag.store import Store
 
     with Store(url, min_size=0, max_size=1) as store:
-        info = store.server_info()
+        info, lex = store.server_info(), store.lexical_info()
+        bm25 = f"BM25 (pg_textsearch {lex['pg_textsearch']})" if lex["pg_textsearch"] else "full-text search"
         typer.echo(
             f"  PostgreSQL {info['postgresql']}, pgvector {info['pgvector']} "
-            f"(iterative index scans: {'yes' if info['iterative_scan'] else 'no'})"
+            f"(iterative index scans: {'yes' if info['iterative_scan'] else 'no'}); lexical search: {bm25}"
         )
         for c in store.collections():
             if c.get("kind") == "attached" and c.get("error"):
@@ -71,12 +72,12 @@ def db_status() -> None:
             if c.get("kind") == "attached":
                 typer.echo(
                     f"  collection {c['name']}: attached table {c['table']}, {c['chunks']} rows, "
-                    f"{c['dim']}-dim, {c['distance']} (read only)"
+                    f"{c['dim']}-dim, {c['distance']} (read only), lexical index {c['lexical'] or 'none'}"
                 )
                 continue
             typer.echo(
                 f"  collection {c['name']}: {c['documents']} documents, {c['chunks']} chunks, "
-                f"{c['dim']}-dim ({c['embedding_model']})"
+                f"{c['dim']}-dim ({c['embedding_model']}), lexical index {c['lexical'] or 'none'}"
             )
 
 
@@ -123,6 +124,13 @@ def attach(
         int | None,
         typer.Option(help="Embedder dimension to check against [default: load the embedding model's]."),
     ] = None,
+    lexical_column: Annotated[
+        str | None,
+        typer.Option(
+            help="tsvector column, or text column with a BM25 index, for lexical and hybrid search "
+            "[default: found if the table has one, else dense only]."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Serve an existing pgvector table as collection NAME, read only (rag never writes to it)."""
@@ -140,12 +148,15 @@ def attach(
         doc_id_column=doc_id_column,
         distance=distance,
         embed_dim=dim if dim is not None else p.embedder.dim,
+        lexical_column=lexical_column,
     )
     if as_json:
         _echo_json(rep.as_dict())
         return
     for w in rep.warnings:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    for n in rep.notices:
+        typer.echo(f"note: {n}", err=True)
     typer.echo(
         f"attached {rep.table} as collection {name!r}: {rep.rows} rows, {rep.dim}-dim, {rep.distance} "
         f"(from the {rep.distance_from}), index {rep.index or 'none'}; query it with `--collection {name}`"

@@ -75,8 +75,10 @@ async def _embed_many(texts: list[str]) -> list[np.ndarray]:
     return [np.ones(4, dtype=np.float32) for _ in texts]
 
 
-async def _search(collection: str, vec: Any, k: int) -> list[dict]:
-    return candidates(k)
+async def _search(
+    collection: str, vec: Any, k: int, filter: Any = None, *, query: str | None = None, mode: str = "dense"
+) -> list[dict]:
+    return candidates(k)  # the Retriever's signature; every mode answers the same fake rows
 
 
 async def _rerank(query: str, docs: list[str], deadline_s: float | None = None) -> list[float]:

@@ -32,6 +32,13 @@ NON_DEFAULT: dict[str, Any] = {
     "hnsw_ef_construction": 48,
     "hnsw_ef_search_min": 30,
     "hnsw_ef_search_factor": 3.0,
+    "lexical_index": "fts",
+    "text_search_config": "simple",
+    "fusion_rrf_k": 30,
+    "fusion_depth_factor": 3.0,
+    "fusion_depth_min": 20,
+    "fusion_dense_weight": 1.5,
+    "fusion_lexical_weight": 0.5,
     # models
     "offline": True,
     "embedding_model": "all-MiniLM-L6-v2",
@@ -70,6 +77,7 @@ NON_DEFAULT: dict[str, Any] = {
     "cohere_max_retries": 1,
     # search
     "fetch_k": 30,
+    "search_mode": "dense",
     "top_k": 5,
     "max_fetch_k": 500,
     "max_query_chars": 2000,

@@ -24,6 +24,7 @@ from deployments.api.common import Service
 from deployments.api.errors import ERRORS, error_response
 from rag.search import Dense
 from rag.search import SearchRequest as PolicyRequest
+from rag.settings import SearchMode
 
 __all__ = ["Hit", "RerankerInfo", "SearchRequest", "SearchResponse", "healthz", "info", "readyz", "search",
            "search_stream"]  # fmt: skip
@@ -48,6 +49,12 @@ class SearchRequest(BaseModel):
         "metadata: {...} (containment)}; keys combine with AND.",
         examples=[{"source": {"prefix": "docs/"}, "metadata": {"lang": "en"}}],
     )
+    mode: SearchMode | None = Field(
+        None,
+        description="Stage 1: dense (pgvector), lexical (BM25, or full-text search where the server lacks "
+        "pg_textsearch) or hybrid (both, fused by RRF). Default: the service's RAG_SEARCH_MODE (hybrid); "
+        "timings_ms.strategy says what ran.",
+    )
 
     def validated(self, service: Service) -> PolicyRequest:
         """The policy's request: validated, defaults applied, the filter parsed (422 before any stage)."""
@@ -59,6 +66,7 @@ class SearchRequest(BaseModel):
             budget_ms=self.budget_ms,
             collection=self.collection,
             filter=self.filter,
+            mode=self.mode,
         )
 
 
@@ -68,8 +76,15 @@ class Hit(BaseModel):
     doc_id: str | None = None
     source: str
     content: str
-    score: float = Field(description="Rerank score; the dense score when stage 2 did not run.")
-    dense_score: float = Field(description="Cosine similarity from stage 1.")
+    score: float = Field(
+        description="Rerank score; when stage 2 did not run, the stage-1 score (fused_score in the lexical "
+        "and hybrid modes, dense_score in dense mode)."
+    )
+    dense_score: float | None = Field(
+        description="Cosine similarity from stage 1 (null for a row found only by the lexical side that has "
+        "no embedding). Lexical and hybrid hits add lexical_rank (1 = best; null: only the dense side found "
+        "it) and fused_score (the RRF score stage 1 ordered by)."
+    )
     chunk_index: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
