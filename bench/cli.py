@@ -2,10 +2,13 @@
 
     rag bench rerank   seed CrossEncoder.predict fp32 vs our reranker on Cranfield; fidelity; FLOPs, floor
     rag bench ingest   document embedding vs plain SentenceTransformer.encode; stage-1 nDCG@10 per dtype
-    rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search
+    rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search;
+                       --filters: filtered search; --modes: dense, lexical and hybrid search, index builds
+    rag bench fusion   hybrid fusion's parameters (RRF k, weights, depth; min-max score fusion) on Cranfield
     rag bench serve    load test of a running Serve app's /search at several concurrencies; JSON + PNG
     rag bench cache    the rerank score cache off and on: Zipf-distributed repeated /search, p50/p95, hit rate
     rag bench soak     minutes of mixed load on a running app: statuses, p50/p99 per route, replica RSS
+    rag bench fairness small searches' rerank wait while one large /v2/rerank runs (issue 20)
 
 The work lives in ``rag.benchmarks``; heavy libraries load inside the commands, never at import.
 """
@@ -14,9 +17,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from rag.settings import Settings
 
 app = typer.Typer(
     help="Benchmarks: reranker, ingest embedding, pgvector store, Serve load test (see docs/BENCHMARKS.md).",
@@ -32,12 +38,19 @@ DatasetOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout.")]
 UrlOpt = Annotated[str, typer.Option(help="The running app (127.0.0.1/localhost only).")]
 OutOpt = Annotated[Path | None, typer.Option(help="Also write the JSON result to this file.")]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option(help="Bearer key (default: the first of RAG_API_KEYS, when set).")
+]
 
 
-def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
+def _settings(**overrides: Any) -> Settings:
     from rag.settings import get_settings
 
     return get_settings().with_overrides(**overrides)
+
+
+def _api_key(given: str | None) -> str | None:
+    return given or next(iter(_settings().slice("search").api_key_list()), None)
 
 
 def _finish(result: dict[str, Any], as_json: bool, out: Path | None, text: str) -> None:
@@ -153,10 +166,19 @@ def store(
             "filtered search, p50/p99, rows returned, strategy), with and without iterative scans.",
         ),
     ] = False,
+    modes: Annotated[
+        bool,
+        typer.Option(
+            "--modes",
+            help="Search modes instead: dense, lexical and hybrid p50/p99 with and without a 5% filter, "
+            "with BM25 (pg_textsearch) and the built-in full-text search; each lexical index's build time "
+            "and size.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
-    """pgvector HNSW at 200k+ vectors: build time, latency and recall per ef_search (or --filters).
+    """pgvector HNSW at 200k+ vectors: build time, latency and recall per ef_search (or --filters, --modes).
 
     COPY (rag.store) into a temporary collection, build the HNSW index, then p50/p99 latency and recall@k
     against exact search for each ef_search; reports the smallest ef_search with
@@ -165,6 +187,22 @@ def store(
     the configured ef_search (--ef-search is ignored; --queries defaults to 200 there too)."""
     from bench import store as sb
 
+    if modes:
+        from bench import store_modes as sm
+
+        r = sm.run_modes(
+            _settings(),
+            n=vectors,
+            dim=dim,
+            clusters=clusters,
+            n_queries=queries,
+            k=k,
+            maintenance_work_mem=maintenance_work_mem,
+            parallel_workers=parallel_workers,
+            keep=keep,
+        )
+        _finish(r, as_json, out, sm.modes_summary(r))
+        return
     if filters:
         r = sb.run_filters(
             _settings(),
@@ -193,6 +231,33 @@ def store(
         keep=keep,
     )
     _finish(r, as_json, out, sb.summary(r))
+
+
+@app.command()
+def fusion(
+    dataset: DatasetOpt = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", "-c", help="Collection [the dataset folder's name].")
+    ] = None,
+    fetch_k: Annotated[int, typer.Option(help="Stage-1 candidates.")] = 100,
+    top_k: Annotated[int, typer.Option(help="recall@top_k.")] = 8,
+    as_json: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Hybrid fusion's parameters on Cranfield: RRF k, lexical weight and depth, and min-max score fusion,
+    computed from the store's own dense and lexical rankings; checks the service's setting against the
+    store's hybrid search. Ingests the dataset on first use (as `rag eval`). A few minutes."""
+    from bench import fusion as fb
+    from bench.common import find_cranfield
+    from rag.eval import ensure_corpus, load_beir
+    from rag.pipeline import Pipeline
+
+    ds = load_beir(find_cranfield(dataset))
+    coll = collection or ds.name
+    p = Pipeline(_settings(collection=coll, reranker="none"))
+    ensure_corpus(p, ds, coll)
+    r = fb.run(p, ds, collection=coll, top_k=top_k, fetch_k=fetch_k)
+    _finish(r, as_json, out, fb.summary(r))
 
 
 @app.command()
@@ -301,9 +366,7 @@ def soak(
     documents: Annotated[int, typer.Option(help="Documents per rerank-route call.")] = 20,
     fetch_k: Annotated[int, typer.Option(help="Candidates per /search.")] = 100,
     top_k: Annotated[int, typer.Option(help="Results per request.")] = 8,
-    api_key: Annotated[
-        str | None, typer.Option(help="Bearer key (default: the first of RAG_API_KEYS, when set).")
-    ] = None,
+    api_key: ApiKeyOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the route and query sequence.")] = 0,
     out: OutOpt = None,
     as_json: JsonOpt = False,
@@ -323,9 +386,37 @@ def soak(
         documents=documents,
         top_k=top_k,
         fetch_k=fetch_k,
-        api_key=api_key or next(iter(_settings().slice("search").api_key_list()), None),
+        api_key=_api_key(api_key),
         seed=seed,
     )
     _finish(r, as_json, out, sk.summary(r))
     if not r["pass"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def fairness(
+    url: UrlOpt = "http://127.0.0.1:8000",
+    documents: Annotated[int, typer.Option(help="Documents of the one large /v2/rerank.")] = 1000,
+    chars: Annotated[int, typer.Option(help="Characters per document of the large request.")] = 1000,
+    clients: Annotated[int, typer.Option(help="Closed-loop /search clients.")] = 2,
+    fetch_k: Annotated[int, typer.Option(help="Candidates per /search.")] = 30,
+    before: Annotated[float, typer.Option(help="Seconds of searching before the large request.")] = 20.0,
+    api_key: ApiKeyOpt = None,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue 20's fairness scenario on the running app: searches/s and each search's rerank wait, before
+    and while one large /v2/rerank runs (the app needs RAG_MAX_BODY_BYTES above the large body's size)."""
+    from bench import fairness as fr
+
+    r = fr.run(
+        url=url,
+        documents=documents,
+        chars=chars,
+        clients=clients,
+        fetch_k=fetch_k,
+        before=before,
+        api_key=_api_key(api_key),
+    )
+    _finish(r, as_json, out, fr.summary(r))

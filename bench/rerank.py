@@ -257,12 +257,12 @@ def run(
             elif name == "ours":
                 got[qi] = out
                 for key in stage:
-                    stage[key].append(float(ours.last_timings.get(key, 0.0)))
+                    stage[key].append(float(out.timings.as_dict().get(key, 0.0)))
             elif name.startswith("screen_"):
                 scr = name.removeprefix("screen_")
                 got_screen[scr][qi] = out
                 for key in screen_stage[scr]:
-                    screen_stage[scr][key].append(float(screens[scr].last_timings.get(key, 0.0)))
+                    screen_stage[scr][key].append(float(out.timings.as_dict().get(key, 0.0)))
         say(
             f"  [{n + 1}/{len(timed)}] query {ds.query_ids[qi]}: ours {lat['ours'][-1]:.0f} ms"
             + (f", seed {lat['seed'][-1]:.0f} ms" if lat["seed"] else "")

@@ -46,10 +46,14 @@ class Mixture:
         self.dim = dim
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return self.draw(n, rng)[0]
+
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` unit vectors and the cluster each was drawn from."""
         which = rng.choice(len(self.weights), size=n, p=self.weights)
         z = rng.standard_normal((n, self.dim), dtype=np.float32) / np.sqrt(self.dim)
         x = self.centres[which] + self.spread[which, None] * z
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.linalg.norm(x, axis=1, keepdims=True), which
 
 
 def clustered_vectors(n: int, dim: int = 384, clusters: int = 2000, seed: int = 7) -> np.ndarray:
@@ -170,28 +174,48 @@ def run(
 
 
 def _load(
-    store: Any, name: str, n: int, dim: int, mix: Mixture, rng: Any, batch: int, label: Any, quiet: bool
+    store: Any,
+    name: str,
+    n: int,
+    dim: int,
+    mix: Mixture,
+    rng: Any,
+    batch: int,
+    label: Any,
+    quiet: bool,
+    content: Any = None,
 ) -> tuple[np.ndarray, float]:
-    """A fresh collection of ``n`` vectors from ``mix`` (row i's (source, metadata) = ``label(i)``), loaded
-    without its HNSW index (built afterwards, timed apart); the vectors and the load seconds."""
+    """A fresh collection of ``n`` vectors from ``mix`` (row i's (source, metadata) = ``label(i)``, its text
+    ``content(i, cluster)`` or empty), loaded without its HNSW and lexical indexes (built afterwards, timed
+    apart); the vectors and the load seconds."""
     from psycopg import sql
 
     from rag.store import ChunkRow, DocumentRow
 
     store.ensure_collection(name, dim=dim, embedding_model="synthetic-clustered")
+    lex = store.target(name).lexical
     with store.connection() as conn:
         conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(f"rag_chunks_{name}_hnsw")))
+        if lex is not None:  # rebuilt by store.build_lexical where a benchmark searches lexically
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(lex.index)))
+            if lex.method == "fts":
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+                        sql.Identifier(f"rag_chunks_{name}"), sql.Identifier(lex.column)
+                    )
+                )
         conn.commit()
     data = np.empty((n, dim), dtype=np.float32)
     t0 = time.perf_counter()
     for start in range(0, n, batch):
         m = min(batch, n - start)
-        x = mix.sample(m, rng)
+        x, which = mix.draw(m, rng)
         data[start : start + m] = x
         lab = [label(i) for i in range(start, start + m)]
         docs = [DocumentRow(f"d{i}", lab[i - start][0], "h") for i in range(start, start + m)]
+        text = [content(i, int(which[i - start])) if content else "" for i in range(start, start + m)]
         rows = [
-            ChunkRow(str(i), f"d{i}", lab[i - start][0], 0, "", "h", lab[i - start][1])
+            ChunkRow(str(i), f"d{i}", lab[i - start][0], 0, text[i - start], "h", lab[i - start][1])
             for i in range(start, start + m)
         ]
         store.write_batch(name, docs, rows, x)

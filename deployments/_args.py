@@ -10,6 +10,7 @@ The batching knobs are not here: they are ``user_config`` (``EmbedderUserConfig`
 they change through ``reconfigure()`` without restarting replicas.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from pydantic_settings import SettingsConfigDict
 
 from rag.settings import SECRETS, Settings
 
-__all__ = ["AppArgs", "EmbedderUserConfig", "RerankerUserConfig"]
+__all__ = ["AppArgs", "BatchUserConfig", "EmbedderUserConfig", "RerankerUserConfig"]
+
+log = logging.getLogger("ray.serve")
 
 
 def _accepted_keys() -> frozenset[str]:
@@ -64,18 +67,30 @@ class AppArgs(Settings):
         return self.model_dump(mode="json", include=self.model_fields_set - SECRETS)
 
 
-class EmbedderUserConfig(BaseModel):
-    """``user_config`` of the Embedder deployment (applied by ``reconfigure()``, no restart)."""
+class BatchUserConfig(BaseModel):
+    """What every batching deployment's ``user_config`` holds: its ``@serve.batch`` knobs."""
 
     model_config = ConfigDict(extra="forbid")
+    max_batch_size: int = Field(1, ge=1)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
+
+    def apply(self, batch_method: Any, role: str) -> None:
+        """Set the knobs of ``batch_method`` (a ``@serve.batch`` method) and log them."""
+        batch_method.set_max_batch_size(self.max_batch_size)
+        batch_method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        log.info("%s user_config: %s", role, self.model_dump())
+
+
+class EmbedderUserConfig(BatchUserConfig):
+    """``user_config`` of the Embedder deployment (applied by ``reconfigure()``, no restart)."""
+
     max_batch_size: int = Field(32, ge=1, description="Queries per forward pass.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill.")
 
 
-class RerankerUserConfig(BaseModel):
+class RerankerUserConfig(BatchUserConfig):
     """``user_config`` of the Reranker deployment (applied by ``reconfigure()``, no restart)."""
 
-    model_config = ConfigDict(extra="forbid")
     max_batch_size: int = Field(16, ge=1, description="Requests merged into one batch (one forward pass).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
     max_pairs_per_batch: int = Field(

@@ -4,8 +4,9 @@ A failure that says a stage has no live replica (``looks_dead``) opens its ``Bre
 stage's calls fail at once with ``refusal()`` instead of waiting in Serve's router for a new replica. The
 service's probe (the stage's ``ready()`` every ``PROBE_EVERY_S``) closes it.
 
-Two views say whether a pending call's stage still has a replica. ``routable_replicas`` reads the handle's own
-router (in this process, free to ask every ``WATCH_EVERY_S``): Serve's router drops a replica the moment a
+Two views say whether a pending call's stage still has a replica. ``routable_replicas``
+(``deployments._ray_compat``) reads the handle's own router (in this process, free to ask every
+``WATCH_EVERY_S``): Serve's router drops a replica the moment a
 call to it fails with ActorDiedError, then holds every later request until the controller reports a new one,
 so an empty router means a dead stage at once. ``running_replicas`` asks Serve's controller (a call pending
 past ``SUSPECT_AFTER_S``); the controller notices a death only at its next health check (seconds).
@@ -19,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from deployments._ray_compat import routable_replicas
 from rag.errors import RagError, StageTimeout, StageUnavailable, StoreUnavailable
 
 __all__ = [
@@ -109,19 +111,3 @@ def running_replicas() -> dict[tuple[str, str], int]:
             states = {getattr(k, "value", k): v for k, v in (dep.replica_states or {}).items()}
             out[(app_name, name)] = sum(int(states.get(k, 0)) for k in LIVE_STATES)
     return out
-
-
-def routable_replicas(handle: object) -> int | None:
-    """Replicas ``handle``'s router would send a request to now; None where that is unknown.
-
-    Unknown: a fake handle, a router not started or not yet told its replicas by the controller, or a Ray
-    whose router is laid out differently (this reads Ray 2.60's ``AsyncioRouter._request_router``, never
-    creating it; tests/test_chaos.py checks it on a live app, so an upgrade that moves it fails there)."""
-    try:
-        router = handle._router._asyncio_router  # type: ignore[attr-defined]
-        if not router.running_replicas_populated():
-            return None
-        request_router = router._request_router
-        return None if request_router is None else len(request_router.curr_replicas)
-    except Exception:  # any other layout: no verdict
-        return None

@@ -1,22 +1,9 @@
-"""What the ingress does between HTTP and the other deployments: handle calls, timeouts, Ray's failures.
+"""What the ingress does between HTTP and the other deployments: one method per kind of request.
 
 The search policy itself (validation, stage 1, rerank or degrade, ranking) is ``rag.search``'s; this module
-only performs its stage calls through DeploymentHandles. Every handle call goes through
-``SearchService.call``: it has a timeout, cancels the request when the timeout fires, and turns Ray's own
-failures (queue full, replica gone, timeout) into ``rag.errors`` types that the ingress's one error table
-maps to HTTP statuses. Kept apart from the FastAPI routes so it can be driven with fake handles in tests.
-
-Each stage has a ``Breaker`` (``deployments._breaker``): a failure that says the stage has no live replica
-(Ray's actor-died and unavailable errors; for embed and retrieve also a timeout; for retrieve a database that
-cannot be reached) opens it, and while it is open calls to that stage fail at once (``StageUnavailable``, or
-the database's own ``StoreUnavailable``) instead of queueing in Serve's router until a new replica is up. The
-policy hears that as any other rerank failure (dense order, ``reason="reranker_error"``); embed and retrieve
-answer 503 + Retry-After. A background probe (the stage's ``ready()``, every ``PROBE_EVERY_S``) closes it.
-Serve's router does not fail a request while a deployment has no replica, it holds it until a new one is up,
-so a call still pending reads its handle's router every ``WATCH_EVERY_S`` (empty once a call to the dead
-replica failed: at once) and, past ``SUSPECT_AFTER_S``, asks the controller too (``serve.status``, shared for
-``STATUS_MAX_AGE_S``: it sees a death only at its next health check); no live replica opens the breaker and
-fails that call too.
+performs its stage calls through DeploymentHandles (``deployments._calls``: timeouts, Ray's failures,
+breakers). Kept apart from the FastAPI routes (``deployments.api``) so it can be driven with fake handles in
+tests. Every request is validated here, once, with ``rag.validation`` (the edge); the replicas trust it.
 """
 
 from __future__ import annotations
@@ -27,29 +14,16 @@ import math
 import platform
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
-from deployments._breaker import (
-    PROBE_EVERY_S,
-    STATUS_MAX_AGE_S,
-    SUSPECT_AFTER_S,
-    WATCH_EVERY_S,
-    Breaker,
-    looks_dead,
-    routable_replicas,
-    running_replicas,
-)
-from rag.errors import (
-    InvalidInput,
-    Overloaded,
-    RagError,
-    StageTimeout,
-    StageUnavailable,
-    StoreUnavailable,
-)
+from deployments._calls import StageCalls, as_rag_error
+from deployments._schemas import ModelCard
+from rag.errors import InvalidInput, RagError, StageTimeout, StageUnavailable
+from rag.rerank_engine import RerankResult
 from rag.search import (
     Dense,
     Embed,
@@ -63,51 +37,42 @@ from rag.search import (
     run_async,
     two_stage,
 )
-from rag.settings import SearchConfig
+from rag.stages import SearchConfig
 from rag.validation import validate_documents, validate_query, validate_texts
 
-__all__ = ["SKIP_REASONS_COUNTED", "SearchService", "as_rag_error", "logit"]
+__all__ = ["RerankReply", "SearchReply", "SearchService", "as_rag_error", "logit"]
 
 log = logging.getLogger("ray.serve")
 
-SKIP_REASONS_COUNTED = ("budget", "overloaded", "reranker_error", "disabled")
-UNKNOWN_RERANKER = {"model": None, "backend": None, "device": None, "dtype": None, "trained": None}
+
+@dataclass(frozen=True)
+class SearchReply:
+    """One search: the validated request, the policy's result, and what the reranker is."""
+
+    request: SearchRequest
+    result: SearchResult
+    reranker: ModelCard
 
 
-def as_rag_error(stage: str, err: BaseException, timeout_s: float) -> BaseException:
-    """Ray's failures -> rag.errors types; a RagError raised in a replica -> that error itself."""
-    from ray.exceptions import RayActorError, RayTaskError
-    from ray.serve.exceptions import (
-        BackPressureError,
-        DeploymentUnavailableError,
-        ReplicaUnavailableError,
-        RequestCancelledError,
-    )
+@dataclass(frozen=True)
+class RerankReply:
+    """One call of the rerank routes: the engine's result, the time the ingress waited for it, and the model
+    that scored it."""
 
-    if isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), BaseException):
-        cause = err.cause
-        if isinstance(cause, RagError | BackPressureError):
-            err = cause
-    if isinstance(err, RagError):
-        return err
-    if isinstance(err, asyncio.TimeoutError | TimeoutError):
-        return StageTimeout(
-            f"the {stage} stage did not answer within {timeout_s:g}s: the service is overloaded, retry later",
-            retry_after_s=1.0,
-        )
-    if isinstance(err, BackPressureError):
-        return Overloaded(
-            f"the {stage} stage's queue is full ({err.message}): retry later",
-            retry_after_s=err.retry_after_s or 1.0,
-        )
-    if isinstance(
-        err, DeploymentUnavailableError | ReplicaUnavailableError | RayActorError | RequestCancelledError
-    ):
-        return StageUnavailable(f"the {stage} stage is unavailable ({type(err).__name__}): retry later")
-    return err  # a bug: the error table answers 500
+    result: RerankResult
+    total_ms: float
+    reranker: ModelCard
 
 
-class SearchService:
+@dataclass(frozen=True)
+class EmbedReply:
+    vectors: list[Any]  # float32 arrays, one per text
+    tokens: list[int]  # tokens the model read of each text
+    embedder: ModelCard
+    dim: int
+
+
+class SearchService(StageCalls):
     """The ingress's logic over three DeploymentHandles (or fakes with the same methods)."""
 
     def __init__(
@@ -117,134 +82,12 @@ class SearchService:
         reranker: DeploymentHandle,
         config: SearchConfig,
     ) -> None:
-        self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
-        self.config: Any = config
+        super().__init__(embedder, retriever, reranker, config.ready_timeout_s)
+        self.config = config
         self.latency = LatencyModel()
-        self._reranker_info: dict[str, Any] | None = None
+        self._reranker_card: ModelCard | None = None
+        self._reranker_card_at = 0.0
         self._embedder_info: dict[str, Any] | None = None
-        self._reranker_info_at = 0.0
-        self.breakers = {stage: Breaker(stage) for stage in ("embed", "retrieve", "rerank")}
-        self._running: dict[tuple[str, str], int] = {}
-        self._running_at = 0.0
-        self._running_lock = asyncio.Lock()
-
-    # -- circuit breakers --------------------------------------------------------------------------
-    def _probe_target(self, stage: str) -> DeploymentHandle:
-        return {"embed": self.embedder, "retrieve": self.retriever, "rerank": self.reranker}[stage]
-
-    def _trip(self, stage: str, err: BaseException) -> None:
-        b = self.breakers.get(stage)
-        if b is None:
-            return
-        b.open(err)
-        if b.probe is None or b.probe.done():
-            b.probe = asyncio.get_running_loop().create_task(self._probe(b))
-
-    async def _probe(self, b: Breaker) -> None:
-        """Until the stage's ready() answers: then close the breaker."""
-        handle, t = self._probe_target(b.stage), self.config.ready_timeout_s
-        while b.is_open:
-            await asyncio.sleep(PROBE_EVERY_S)
-            response: Any = None
-            try:
-                response = handle.ready.remote()
-                await asyncio.wait_for(_awaited(response), t)
-            except Exception as e:
-                if isinstance(e, asyncio.TimeoutError | TimeoutError) and hasattr(response, "cancel"):
-                    response.cancel()
-                err = as_rag_error(b.stage, e, t)
-                if isinstance(err, StoreUnavailable):  # the database's own words: "unreachable ..."
-                    b.open(err)
-                continue
-            b.close()
-
-    async def _no_live_replica(self, stage: str, pending_s: float) -> bool:
-        """True only when the handle's router holds no replica, or (a call pending past ``SUSPECT_AFTER_S``)
-        Serve's controller says the stage's deployment has none."""
-        handle = self._probe_target(stage)
-        if routable_replicas(handle) == 0:
-            return True
-        if pending_s < SUSPECT_AFTER_S:
-            return False
-        key = (getattr(handle, "app_name", None), getattr(handle, "deployment_name", None))
-        if not all(isinstance(k, str) for k in key):  # a fake handle (tests): nothing to ask
-            return False
-        async with self._running_lock:
-            if time.monotonic() - self._running_at > STATUS_MAX_AGE_S:
-                try:
-                    self._running = await asyncio.wait_for(
-                        asyncio.to_thread(running_replicas), self.config.ready_timeout_s
-                    )
-                except Exception as e:  # the controller is busy or restarting (or slow): no verdict
-                    log.warning("could not ask Serve's controller for replica states: %s", e)
-                    return False
-                self._running_at = time.monotonic()
-        return self._running.get(key, 1) == 0  # type: ignore[arg-type]
-
-    async def _watched(self, stage: str, response: Any, timeout_s: float) -> Any:
-        """``await response`` within ``timeout_s``; fail at once if the stage turns out to have no replica."""
-        task = asyncio.ensure_future(_awaited(response))
-        try:
-            start = time.monotonic()
-            deadline = start + timeout_s
-            # every WATCH_EVERY_S while pending: the router knows a death at once, the controller in seconds
-            while stage in self.breakers and deadline - time.monotonic() > WATCH_EVERY_S:
-                done, _ = await asyncio.wait({task}, timeout=WATCH_EVERY_S)
-                if done:
-                    break
-                if await self._no_live_replica(stage, time.monotonic() - start):
-                    if hasattr(response, "cancel"):
-                        response.cancel()
-                    err = StageUnavailable(
-                        f"the {stage} stage has no running replica (Serve is starting one): retry later",
-                        retry_after_s=PROBE_EVERY_S,
-                    )
-                    self._trip(stage, err)
-                    raise err
-            return await asyncio.wait_for(task, max(0.0, deadline - time.monotonic()))
-        finally:
-            if not task.done():
-                task.cancel()
-
-    # -- handle calls ------------------------------------------------------------------------------
-    async def call(
-        self,
-        stage: str,
-        response: Any,
-        timeout_s: float,
-        *,
-        count_errors: bool = True,
-        timeout_is_error: bool = True,
-    ) -> Any:
-        """Await a handle call with a timeout (cancelling it when the timeout fires); errors as rag.errors."""
-
-        breaker = self.breakers.get(stage)
-        if breaker is not None and breaker.is_open:  # no live replica: fail now, not after the timeout
-            if hasattr(response, "cancel"):
-                response.cancel()
-            refusal = breaker.refusal()
-            if count_errors:
-                metrics.get("rag_errors_total").inc(tags={"stage": stage, "error_type": refusal.error_type})
-            refusal.rag_stage = stage  # type: ignore[attr-defined]
-            raise refusal
-        try:
-            return await self._watched(stage, response, timeout_s)
-        except Exception as e:
-            if isinstance(e, asyncio.TimeoutError | TimeoutError) and hasattr(response, "cancel"):
-                response.cancel()
-            err = as_rag_error(stage, e, timeout_s)
-            err.rag_stage = stage  # type: ignore[union-attr]
-            # ready()/info() time out sooner than traffic does (count_errors=False): no sign of death
-            traffic = count_errors and timeout_is_error
-            if looks_dead(stage, e, err) and (traffic or not isinstance(err, StageTimeout)):
-                self._trip(stage, err)
-            if count_errors and (timeout_is_error or not isinstance(err, StageTimeout)):
-                metrics.get("rag_errors_total").inc(
-                    tags={"stage": stage, "error_type": getattr(err, "error_type", type(err).__name__)}
-                )
-            if err is e:
-                raise
-            raise err from e
 
     async def do(self, step: Step) -> Any:
         """Perform one stage call of the policy through its deployment."""
@@ -252,10 +95,10 @@ class SearchService:
         if isinstance(step, Embed):
             return await self.call("embed", self.embedder.embed.remote(step.query), c.embed_timeout_s)
         if isinstance(step, Retrieve):
-            args = (step.collection, step.vector, step.k) + (
-                (step.filter,) if step.filter is not None else ()
+            call = self.retriever.search.remote(
+                step.collection, step.vector, step.k, step.filter, query=step.query, mode=step.mode
             )
-            return await self.call("retrieve", self.retriever.search.remote(*args), c.retrieve_timeout_s)
+            return await self.call("retrieve", call, c.retrieve_timeout_s)
         if isinstance(step, Rerank):
             timeout_s = step.timeout_s if step.timeout_s is not None else c.rerank_wait_s
             response = self.reranker.rerank.remote(step.query, step.documents, deadline_s=timeout_s)
@@ -264,7 +107,7 @@ class SearchService:
 
     # -- /search -----------------------------------------------------------------------------------
     def search_request(self, **kw: Any) -> SearchRequest:
-        """A validated request (InvalidInput -> 422 before any stage runs)."""
+        """A validated request (InvalidInput -> 422 before any stage runs); the filter parsed once."""
         flt = kw.pop("filter", None)
         if flt is not None:
             from rag.store import parse_filter
@@ -274,18 +117,18 @@ class SearchService:
 
     async def search(
         self, req: SearchRequest, on_dense: Callable[[Dense], Awaitable[None]] | None = None
-    ) -> dict[str, Any]:
-        info = await self.reranker_info()
+    ) -> SearchReply:
+        card = await self.reranker_card()
         policy = two_stage(
             req,
-            reranker_enabled=info.get("backend") != "none",
+            reranker_enabled=card.backend != "none",
             rerank_timeout_s=self.config.rerank_wait_s,
             strict=self.config.strict_rerank,
             latency=self.latency,
         )
         res = await run_async(policy, self.do, on_dense)
         self._record(res)
-        return self.response(req, res, info)
+        return SearchReply(req, res, card)
 
     def _record(self, res: SearchResult) -> None:
         t = res.timings_ms
@@ -294,103 +137,95 @@ class SearchService:
         metrics.get("rag_candidates_per_request").observe(len(res.candidates))
         if res.reranked:
             _observe("rerank", t["rerank"])
-        elif res.reason in SKIP_REASONS_COUNTED:
+        elif res.reason in metrics.SKIP_REASONS_COUNTED:
             metrics.get("rag_rerank_skipped_total").inc(tags={"reason": res.reason})
         if res.reason == "reranker_error":
             log.warning("rerank failed, answering in dense order: %s", res.detail)
         _observe("total", t["total"])
 
-    @staticmethod
-    def response(req: SearchRequest, res: SearchResult, info: dict[str, Any]) -> dict[str, Any]:
-        timings: dict[str, Any] = {k: round(v, 3) for k, v in res.timings_ms.items()}
-        if res.strategy:
-            timings["strategy"] = res.strategy
-        return {
-            "query": req.query,
-            "collection": req.collection,
-            "results": res.hits,
-            "candidates": len(res.candidates),
-            "timings_ms": timings,
-            "reranker": {**info, "reranked": res.reranked, "reason": res.reason, "detail": res.detail},
-        }
-
-    # -- other routes ------------------------------------------------------------------------------
-    async def rerank_scores(self, query: str, documents: list[str]) -> list[float]:
-        """Scores only (see ``rerank_documents``)."""
-        return (await self.rerank_documents(query, documents))["scores"]
-
+    # -- rerank routes -----------------------------------------------------------------------------
     async def rerank_documents(
         self,
-        query: str,
-        documents: list[str],
+        query: object,
+        documents: object,
         *,
+        top_n: int | None = None,
         max_tokens_per_doc: int | None = None,
         truncate: bool | None = None,
         field: str = "documents",
-    ) -> dict[str, Any]:
-        """The rerank routes' call: long documents split into windows by the Reranker, one score per
-        document, the best window's span, and usage (pairs, tokens, cache hits, queue/inference/total ms).
-        Errors are not degraded here: there is no dense order."""
-        validate_query(query, max_chars=self.config.max_query_chars)
-        validate_documents(documents, limit=self.config.documents_limit, field=field)
-        if max_tokens_per_doc is not None and max_tokens_per_doc < 1:
-            raise InvalidInput(f"max_tokens_per_doc must be a positive integer, got {max_tokens_per_doc}")
+    ) -> RerankReply:
+        """The rerank routes' call: validated here (``top_n``: the results the route will return); long
+        documents split into windows by the Reranker's engine, one score per document, the best window's
+        span, usage. Errors are not degraded: there is no dense order to fall back on."""
+        c = self.config
+        q = validate_query(query, max_chars=c.max_query_chars)
+        docs = validate_documents(documents, limit=c.documents_limit, field=field)
+        if top_n is not None and not 1 <= top_n <= c.documents_limit:
+            raise InvalidInput(f"top_n must be between 1 and {c.documents_limit}, got {top_n}")
+        cap = c.rerank_max_tokens_per_doc
+        if max_tokens_per_doc is not None and not 1 <= max_tokens_per_doc <= cap:
+            raise InvalidInput(
+                f"max_tokens_per_doc must be between 1 and {cap} (RAG_RERANK_MAX_TOKENS_PER_DOC), "
+                f"got {max_tokens_per_doc}"
+            )
         t0 = time.perf_counter()
-        timeout_s = self.config.rerank_wait_s
-        out = await self.call(
-            "rerank",
-            self.reranker.rerank_documents.remote(
-                query,
-                documents,
-                timeout_s,
-                max_tokens_per_doc=max_tokens_per_doc,
-                truncate=truncate,
-                field=field,
-            ),
-            timeout_s,
+        timeout_s = c.rerank_wait_s
+        call = self.reranker.rerank_documents.remote(
+            q, docs, timeout_s, max_tokens_per_doc=max_tokens_per_doc, truncate=truncate, field=field
         )
+        result: RerankResult = await self.call("rerank", call, timeout_s)
         ms = (time.perf_counter() - t0) * 1e3
-        self.latency.observe(ms, max(1, int(out.get("pairs") or len(documents))))
+        self.latency.observe(ms, max(1, result.usage.pairs or len(docs)))
         _observe("rerank", ms)
-        return {**out, "total_ms": ms}
+        return RerankReply(result, ms, await self.reranker_card())
 
+    async def reranker_card(self, max_age_s: float = 30.0) -> ModelCard:
+        """What the Reranker runs (cached; refreshed every ``max_age_s`` in case it was redeployed)."""
+        if self._reranker_card is None or time.monotonic() - self._reranker_card_at > max_age_s:
+            try:
+                info = await self.call("rerank", self.reranker.info.remote(), self.config.ready_timeout_s)
+                drop = ("config", "user_config", "score_cache", "long_documents")  # /info has them
+                self._reranker_card = ModelCard.model_validate(
+                    {k: v for k, v in info.items() if k not in drop}
+                )
+                self._reranker_card_at = time.monotonic()
+            except Exception as e:
+                log.warning("could not get the reranker's info: %s", e)
+                return self._reranker_card or ModelCard.unknown()
+        return self._reranker_card
+
+    # -- embedding routes --------------------------------------------------------------------------
     async def embed(self, texts: list[str]) -> list[list[float]]:
         c = self.config
-        validate_texts(texts, limit=c.max_embed_inputs, max_chars=c.max_query_chars)
+        valid = validate_texts(texts, limit=c.max_embed_inputs, max_chars=c.max_query_chars)
         t0 = time.perf_counter()
-        vecs = await self.call("embed", self.embedder.embed_many.remote(texts), c.embed_timeout_s)
+        vecs = await self.call("embed", self.embedder.embed_many.remote(valid), c.embed_timeout_s)
         _observe("embed", (time.perf_counter() - t0) * 1e3)
         return [[float(x) for x in v] for v in vecs]
 
-    async def embed_with_usage(self, texts: list[str]) -> tuple[list[Any], list[int], dict[str, Any]]:
-        """Vectors (float32 arrays), tokens per text, and the embedder's info (OpenAI's /v1/embeddings)."""
+    async def embed_with_usage(self, texts: list[str], *, dimensions: int | None = None) -> EmbedReply:
+        """Vectors, tokens per text, and what the embedder is (OpenAI's /v1/embeddings). ``dimensions``
+        must be the model's when given (it cannot shorten its vectors)."""
         c = self.config
-        validate_texts(texts, limit=c.max_embed_inputs, max_chars=c.max_query_chars)
+        valid = validate_texts(texts, limit=c.max_embed_inputs, max_chars=c.max_query_chars)
         t0 = time.perf_counter()
         vecs, tokens = await asyncio.gather(
-            self.call("embed", self.embedder.embed_many.remote(texts), c.embed_timeout_s),
-            self.call("embed", self.embedder.count_tokens.remote(texts), c.embed_timeout_s),
+            self.call("embed", self.embedder.embed_many.remote(valid), c.embed_timeout_s),
+            self.call("embed", self.embedder.count_tokens.remote(valid), c.embed_timeout_s),
         )
         _observe("embed", (time.perf_counter() - t0) * 1e3)
         if self._embedder_info is None:
             self._embedder_info = await self.call("embed", self.embedder.info.remote(), c.ready_timeout_s)
-        return list(vecs), [int(t) for t in tokens], dict(self._embedder_info or {})
+        card = ModelCard.model_validate(self._embedder_info or ModelCard.unknown().model_dump())
+        dim = int((card.model_extra or {}).get("dim") or (len(vecs[0]) if vecs else 0))
+        if dimensions is not None and dimensions != dim:
+            raise InvalidInput(
+                f"dimensions={dimensions}: the served model {card.model} has {dim} dimensions and cannot "
+                "shorten them; leave dimensions out"
+            )
+        return EmbedReply(list(vecs), [int(t) for t in tokens], card, dim)
 
-    async def reranker_info(self, max_age_s: float = 30.0) -> dict[str, Any]:
-        """What the Reranker runs (cached; refreshed every ``max_age_s`` in case it was redeployed)."""
-        if self._reranker_info is None or time.monotonic() - self._reranker_info_at > max_age_s:
-            try:
-                info = await self.call("rerank", self.reranker.info.remote(), self.config.ready_timeout_s)
-                drop = ("config", "user_config", "score_cache", "long_documents")  # /info has them
-                self._reranker_info = {k: v for k, v in info.items() if k not in drop}
-                self._reranker_info_at = time.monotonic()
-            except Exception as e:
-                log.warning("could not get the reranker's info: %s", e)
-                if self._reranker_info is not None:
-                    return dict(self._reranker_info)
-                return dict(UNKNOWN_RERANKER)
-        return dict(self._reranker_info)
-
+    # -- /info, /readyz ----------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         """GET /info: the effective configuration of every stage, as its replica holds it; no secrets."""
         t = self.config.ready_timeout_s
@@ -446,10 +281,6 @@ class SearchService:
             else:
                 out[name] = {"ready": True, **r}
         return ok, out
-
-
-async def _awaited(response: Any) -> Any:
-    return await response
 
 
 def _versions() -> dict[str, Any]:

@@ -12,8 +12,7 @@ from ray import serve
 from deployments import metrics
 from deployments._args import EmbedderUserConfig
 from rag.embed import make_embedder
-from rag.settings import EmbedderConfig
-from rag.validation import validate_query
+from rag.stages import EmbedderConfig
 
 __all__ = ["Embedder"]
 
@@ -32,34 +31,18 @@ class Embedder:
         self.embedder = make_embedder(config)
         self._info = self.embedder.info()
         self._cfg = _DEFAULTS
-        metrics.get("rag_model_info").set(
-            1,
-            tags={
-                "role": "embedder",
-                "model": str(self._info["model"]),
-                "backend": "sentence-transformers",
-                "device": str(self._info["device"]),
-                "dtype": str(self._info["dtype"]),
-                "trained": "true",
-            },
-        )
+        metrics.model_info("embedder", self._info, backend="sentence-transformers")
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-        cfg = EmbedderUserConfig.model_validate(user_config or {})
-        self.embed_batch.set_max_batch_size(cfg.max_batch_size)
-        self.embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self._cfg = cfg
-        log.info("embedder user_config: %s", cfg.model_dump())
+        self._cfg = EmbedderUserConfig.model_validate(user_config or {})
+        self._cfg.apply(self.embed_batch, "embedder")
 
     async def embed(self, query: str) -> np.ndarray:
-        """The L2-normalised embedding of one query (float32)."""
-        validate_query(query)
+        """The L2-normalised embedding of one query (float32; validated at the ingress)."""
         return await self.embed_batch(query)
 
     async def embed_many(self, texts: list[str]) -> list[np.ndarray]:
-        """Embeddings of several texts; each joins the same batch queue."""
-        for i, t in enumerate(texts):
-            validate_query(t, f"inputs[{i}]")
+        """Embeddings of several texts (validated at the ingress); each joins the same batch queue."""
         return list(await asyncio.gather(*(self.embed_batch(t) for t in texts)))
 
     def count_tokens(self, texts: list[str]) -> list[int]:

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from deployments._args import AppArgs
+from deployments._ray_compat import deploy_config, shutdown_serve, token_auth_enabled
 from rag.errors import ConfigError
 from rag.settings import Settings
 
@@ -93,19 +94,9 @@ def deploy(
     timeout_s: float = 900.0,
 ) -> None:
     """Deploy a Serve config (dict) on the connected Ray cluster, like ``serve run``; wait until RUNNING."""
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(config)
-    http = schema.http_options.model_dump()
-    if host is not None:
-        http["host"] = host
-    if port is not None:
-        http["port"] = port
-    client = serve_start(http_options=http, proxy_location=schema.proxy_location)
-    client.deploy_apps(schema)
+    names = deploy_config(config, host=host, port=port)
     if wait:
-        wait_running([a.name for a in schema.applications], timeout_s=timeout_s)
+        wait_running(names, timeout_s=timeout_s)
 
 
 def wait_running(app_names: list[str], *, timeout_s: float = 900.0, poll_s: float = 1.0) -> None:
@@ -145,10 +136,8 @@ class Running:
         if not ray.is_initialized():
             return
         try:
-            from ray.serve.context import _cached_client_from_current_session, _global_client
-
-            if grace_s > 0 and _cached_client_from_current_session() and _global_client is not None:
-                _global_client.shutdown(timeout_s=grace_s)
+            if grace_s > 0:
+                shutdown_serve(grace_s)
         except Exception as e:  # shutting down anyway
             print(f"Serve did not shut down cleanly ({type(e).__name__}: {e}); stopping Ray", flush=True)
         finally:
@@ -219,13 +208,10 @@ def check_collections(settings: Settings, url: str) -> list[str]:
 
 def ray_network_line(metrics_port: int) -> str:
     """What Ray exposes beyond the API: its control plane's token auth and the metrics port's reach."""
-    try:  # Ray 2.52+: token authentication, on by default for a local cluster since 2.59
-        from ray._raylet import AuthenticationMode, get_authentication_mode
-
-        token = get_authentication_mode() == AuthenticationMode.TOKEN
-    except ImportError:  # pragma: no cover - older Ray
-        token = False
+    token = token_auth_enabled()
     plane = "token auth ON" if token else "token auth OFF (set RAY_AUTH_MODE=token)"
+    if token is None:
+        plane = "token auth: unknown on this Ray"
     return (
         f"ray       control plane {plane}; metrics :{metrics_port} listen on every interface "
         "(Ray has no bind address for them): firewall that port where untrusted hosts reach this machine"
@@ -243,7 +229,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _banner(r: Running, settings: Settings) -> None:
-    from deployments.ingress import auth_line
+    from deployments.api.auth import auth_line
 
     print(
         f"\nrag-serve is up ({r.config.name}, collection {settings.collection!r})\n"

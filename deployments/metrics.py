@@ -13,8 +13,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from functools import cache
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rag.errors import RagError
+
+if TYPE_CHECKING:
+    from rag.rerank_stats import BatchReport
 
 __all__ = [
     "BATCH_PAIRS_BUCKETS",
@@ -24,12 +30,21 @@ __all__ = [
     "LATENCY_MS_BUCKETS",
     "METRICS",
     "RAY_SERVE_METRICS",
+    "SKIP_REASONS_COUNTED",
     "HeldGauge",
     "export_zeros",
     "exported_series",
+    "from_stage",
     "get",
+    "model_info",
+    "record_rerank_batch",
+    "stage_error",
     "zero_series",
 ]
+
+# The reasons a search skipped stage 2 that rag_rerank_skipped_total counts (not_requested and no_candidates
+# are the caller's or the data's doing, not a degradation).
+SKIP_REASONS_COUNTED = ("budget", "overloaded", "reranker_error", "disabled")
 
 # Resolves a 1-5 ms embed as well as a multi-second CPU rerank.
 LATENCY_MS_BUCKETS = [1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750,
@@ -273,7 +288,6 @@ def zero_series() -> dict[str, list[dict[str, str]]]:
     """The label sets of the error and skip counters that exist (at 0) from start-up, so that dashboards and
     alerts read 0, not "No data", before the first error: every reason a search may skip the rerank, and per
     stage the errors its calls can end with (the rag.errors types' own error_type)."""
-    from deployments._service import SKIP_REASONS_COUNTED
     from rag.errors import (
         ConfigError,
         ModelError,
@@ -302,9 +316,64 @@ def zero_series() -> dict[str, list[dict[str, str]]]:
 def export_zeros() -> None:
     """Create every ``zero_series()`` series at 0 in this process (the Ingress calls it at start-up).
 
-    Ray's ``Counter.inc`` refuses 0 (``value must be >0``), so the point is recorded through its ``_record``,
-    which ``inc`` itself ends in (Ray 2.60); an add of 0 creates the series without changing a count."""
+    Ray's ``Counter.inc`` refuses 0, so this goes through ``deployments._ray_compat.counter_add_zero``;
+    where a Ray release has moved what that uses, the series appear at their first count (cosmetic)."""
+    from deployments._ray_compat import counter_add_zero
+
     for name, label_sets in zero_series().items():
         counter = get(name)
         for tags in label_sets:
-            counter._record(0, tags=dict(tags))
+            if not counter_add_zero(counter, dict(tags)):
+                return
+
+
+def model_info(role: str, info: dict[str, Any], *, backend: str | None = None) -> None:
+    """``rag_model_info`` = 1 for the model a replica loaded (``info``: its ``info()``)."""
+    tags = {
+        "role": role,
+        "model": str(info.get("model")),
+        "backend": str(backend or info.get("backend")),
+        "device": str(info.get("device")),
+        "dtype": str(info.get("dtype")),
+        "trained": str(info.get("trained")).lower(),
+    }
+    get("rag_model_info").set(1, tags=tags)
+
+
+def record_rerank_batch(report: BatchReport) -> None:
+    """One Reranker batch (``rag.rerank_engine``'s observer): sizes, phases, each item's queue wait, the
+    score cache."""
+    t = report.timings
+    get("rag_rerank_batch_pairs").observe(report.pairs)
+    get("rag_rerank_batch_requests").observe(report.items)
+    phase = get("rag_rerank_phase_latency_ms")
+    for q_ms in report.queue_ms:
+        phase.observe(q_ms, tags={"phase": "queue"})
+    if report.pairs > t.cache_hits:  # something went through the model
+        phase.observe(t.tokenize_ms, tags={"phase": "tokenize"})
+    phase.observe(t.inference_ms, tags={"phase": "inference"})
+    cache = report.cache
+    if cache is not None:
+        if t.cache_hits:
+            get("rag_rerank_cache_hits_total").inc(t.cache_hits)
+        if t.cache_misses:
+            get("rag_rerank_cache_misses_total").inc(t.cache_misses)
+        get("rag_rerank_cache_entries").set(len(cache))
+        get("rag_rerank_cache_bytes").set(cache.bytes)
+
+
+# Errors a stage call ended with (counted there, or deliberately not): the ingress does not count them again.
+_FROM_STAGE: weakref.WeakSet[BaseException] = weakref.WeakSet()
+
+
+def stage_error(stage: str, err: BaseException, *, count: bool = True) -> None:
+    """``err`` ended a call to ``stage``: count it in rag_errors_total (unless ``count`` is False)."""
+    _FROM_STAGE.add(err)
+    if count:
+        error_type = err.error_type if isinstance(err, RagError) else type(err).__name__
+        get("rag_errors_total").inc(tags={"stage": stage, "error_type": error_type})
+
+
+def from_stage(err: BaseException) -> bool:
+    """Whether ``err`` came from a stage call (so the ingress does not count it as its own)."""
+    return err in _FROM_STAGE

@@ -6,6 +6,11 @@ why it is not ready) and every call retries opening a fresh pool, failing fast w
 Once a call found the database unreachable, the next calls first try one direct connection (a stopped server
 refuses it at once) rather than each waiting the pool's whole timeout for a connection it cannot make; the
 first that connects drops the pool's broken connections and lets traffic through again.
+
+``search`` takes the stage-1 ``mode`` (dense, lexical, hybrid) and the query text with it; a caller that
+passes neither gets dense search, as before modes existed. At start-up the replica logs one line per
+attached collection searched dense only (no lexical index); ``info`` reports which lexical search the
+server offers (BM25 or the built-in full-text search).
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import numpy as np
 from ray import serve
 
 from deployments import metrics
-from rag.errors import StoreUnavailable, redact_url
-from rag.settings import StoreConfig
+from rag.errors import StoreUnavailable
+from rag.settings import StoreConfig, redact_url
 from rag.store import AsyncStore
 
 __all__ = ["Retriever"]
@@ -48,7 +53,9 @@ class Retriever:
         self._lock = asyncio.Lock()
         self._last_error: str | None = None
         try:
-            await self._get_store()
+            store = await self._get_store()
+            for notice in await store.dense_only_notices():
+                log.warning("%s", notice)
         except StoreUnavailable as e:
             log.warning("database not reachable at start-up (will retry per request): %s", e)
         # Pool gauges stay live while idle (the pool shrinks after max_idle), not only after a search.
@@ -81,14 +88,21 @@ class Retriever:
         return self._store
 
     async def search(
-        self, collection: str, vector: np.ndarray, k: int, filter: Any = None
+        self,
+        collection: str,
+        vector: np.ndarray,
+        k: int,
+        filter: Any = None,
+        *,
+        query: str | None = None,
+        mode: str = "dense",
     ) -> list[dict[str, Any]]:
-        """The ``k`` nearest chunks of ``collection`` (under ``filter``), best first, with ``dense_score``."""
+        """The ``k`` best chunks of ``collection`` (under ``filter``) in ``mode``, best first, with
+        ``dense_score``; ``query``: the text (lexical, hybrid). A ``SearchHits``: ``.strategy`` says which
+        plan ran."""
         try:
             store = await self._store_up()
-            if filter is None:
-                return await store.search(collection, vector, k)
-            return await store.search(collection, vector, k, filter=filter)
+            return await store.search(collection, vector, k, filter=filter, query=query, mode=mode)
         except StoreUnavailable as e:
             self._down = True
             raise _unreachable(e) from e
@@ -114,6 +128,7 @@ class Retriever:
         try:
             store = await self._get_store()
             out["database"] = await store.server_info()
+            out["lexical"] = await store.lexical_info()
         except Exception as e:  # /info still answers while the database is down
             out["database"] = {"error": str(e)}
         return out

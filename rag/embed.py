@@ -22,7 +22,8 @@ from rag.errors import InvalidInput, ModelError
 from rag.models import ResolvedModel, resolve_embedder
 
 if TYPE_CHECKING:
-    from rag.settings import EmbedderConfig, Settings
+    from rag.settings import Settings
+    from rag.stages import EmbedderConfig
 
 __all__ = ["Embedder", "cpu_supports_bf16", "make_embedder", "pick_device", "pick_dtype"]
 
@@ -59,7 +60,8 @@ class Embedder:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from rag.accel import OpenVINOEngine, TorchEngine, pick_runtime, resolve_threads
+        from rag.accel import TorchEngine, pick_runtime, resolve_threads
+        from rag.ov_engine import OpenVINOEngine
 
         self.resolved: ResolvedModel = resolve_embedder(model, offline=offline)
         self.device = pick_device(device)
@@ -208,16 +210,11 @@ class Embedder:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def make_embedder(cfg: EmbedderConfig | Settings) -> Embedder:
-    """The embedder the configuration asks for: the one factory (library, CLI, Embedder deployment)."""
-    c: Any = cfg
-    return Embedder(
-        c.embedding_model,
-        device=c.embedding_device,
-        dtype=c.embedding_dtype,
-        batch_size=c.embed_batch_size,
-        offline=c.offline,
-        runtime=c.embedding_runtime,
-        threads=c.embedding_threads,
-        cache_dir=c.model_cache,
-    )
+def make_embedder(config: EmbedderConfig | Settings) -> Embedder:
+    """The embedder the configuration asks for: the one factory (library, CLI, Embedder deployment).
+    A parameter ``x`` of ``Embedder`` takes the setting ``embedding_x``."""
+    from rag.settings import Settings
+
+    cfg = config.slice("embedder") if isinstance(config, Settings) else config
+    kw = cfg.kwargs_for(Embedder.__init__, "embedding_")
+    return Embedder(batch_size=cfg.embed_batch_size, offline=cfg.offline, cache_dir=cfg.model_cache, **kw)

@@ -1,13 +1,10 @@
 """One exception hierarchy for the whole project.
 
 Every error a user can cause or meet carries a message that says what to fix. The HTTP layer maps these
-types to status codes through a single table (``deployments/ingress.py``); the CLI prints ``str(err)``.
+types to status codes through a single table (``deployments/api/errors.py``); the CLI prints ``str(err)``.
 """
 
 from __future__ import annotations
-
-import re
-from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "BodyTooLarge",
@@ -21,12 +18,11 @@ __all__ = [
     "RagError",
     "RerankerError",
     "Retryable",
+    "ServiceError",
     "StageTimeout",
     "StageUnavailable",
     "StoreUnavailable",
     "Unauthenticated",
-    "redact_url",
-    "validate_collection_name",
 ]
 
 
@@ -34,6 +30,7 @@ class RagError(Exception):
     """Base class: everything this project raises on purpose."""
 
     error_type = "rag_error"
+    status_code: int | None = None  # the HTTP status it arrived with, when rag.client raised it
 
 
 class Unauthenticated(RagError):
@@ -127,26 +124,9 @@ class RerankerError(ModelError):
     error_type = "reranker_error"
 
 
-_COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+class ServiceError(RagError):
+    """The service answered with an error no type above describes: a bug there (500 ``internal_error``), an
+    unknown route (404), a proxy's error page. ``rag.client`` raises it with the answer's ``status_code`` and
+    ``error_type``; the service itself never raises it."""
 
-
-def validate_collection_name(name: str) -> str:
-    """Collections become table names, so they are plain lower-case identifiers."""
-    if not isinstance(name, str) or not _COLLECTION_RE.match(name):
-        raise CollectionError(
-            f"invalid collection name {name!r}: use 1-40 characters of lower-case letters, digits and "
-            "underscores, starting with a letter (e.g. 'default', 'cranfield')"
-        )
-    return name
-
-
-def redact_url(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    error_type = "service_error"

@@ -1,11 +1,21 @@
-"""Evaluation harness: stage 1 alone against stage 1 + rerank, on BEIR folders or questions.jsonl.
+"""Evaluation harness: each stage-1 mode alone and then reranked, on BEIR folders or questions.jsonl.
+
+For every mode (``dense``, ``lexical``, ``hybrid``; ``rag.store.hybrid``) each query runs once through the
+library's search policy (``Pipeline.search``, the one the service runs): stage 1 fetches ``fetch_k``
+candidates, which give the stage-1 system; the reranker reorders the same candidates, which gives the reranked
+system. Systems are named by their mode (``dense``, ``lexical``, ``hybrid``) and ``<mode>+reranked``;
+the dense one reranked keeps its original name, ``reranked``.
 
 Metrics are computed per query on *documents* (chunks map back to their document; a document counts once,
 at its best rank) and averaged over queries:
 
-- recall@k: judged-relevant documents in the top k / all judged-relevant documents;
+- recall@k: judged-relevant documents in the top k / all judged-relevant documents; reported at ``top_k``
+  and at ``fetch_k`` (stage 1's candidates: what the reranker can promote at all);
 - nDCG@k with graded gains ``2^rel - 1`` (BEIR's convention; binary judgements give gain 1);
 - MRR@k: 1 / rank of the first relevant document within the top k (0 if none).
+
+Reranked figures from the offline stand-in reranker (an untrained head) measure plumbing and speed, not
+relevance: the results and the chart say so.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rag.errors import IngestError, RerankerError
+from rag.settings import SEARCH_MODES
 
 if TYPE_CHECKING:
     from rag.pipeline import Pipeline
@@ -144,13 +155,23 @@ def _doc_ranking(hits: Sequence[dict], key: str) -> list[str]:
     return list(seen)
 
 
-def _scores(rankings: dict[str, list[str]], qrels: Qrels, top_k: int) -> dict[str, float]:
+def _scores(rankings: dict[str, list[str]], qrels: Qrels, top_k: int, fetch_k: int) -> dict[str, float]:
     n = max(1, len(rankings))
-    return {
-        f"recall@{top_k}": sum(recall_at_k(r, qrels[q], top_k) for q, r in rankings.items()) / n,
-        "ndcg@10": sum(ndcg_at_k(r, qrels[q], 10) for q, r in rankings.items()) / n,
-        "mrr@10": sum(mrr(r, qrels[q], 10) for q, r in rankings.items()) / n,
+    out = {
+        f"recall@{k}": sum(recall_at_k(r, qrels[q], k) for q, r in rankings.items()) / n
+        for k in (top_k, fetch_k)
     }
+    out["ndcg@10"] = sum(ndcg_at_k(r, qrels[q], 10) for q, r in rankings.items()) / n
+    out["mrr@10"] = sum(mrr(r, qrels[q], 10) for q, r in rankings.items()) / n
+    return out
+
+
+def system_name(mode: str, reranked: bool) -> str:
+    """``dense``, ``lexical``, ``hybrid``; reranked: ``reranked`` (dense, its name since the seed),
+    ``lexical+reranked``, ``hybrid+reranked``."""
+    if not reranked:
+        return mode
+    return "reranked" if mode == "dense" else f"{mode}+reranked"
 
 
 def evaluate(
@@ -163,62 +184,80 @@ def evaluate(
     top_k: int = 8,
     limit: int | None = None,
     progress: bool = False,
+    modes: Sequence[str] = SEARCH_MODES,
+    keep_runs: bool = False,
 ) -> dict[str, Any]:
-    """Run every query once: stage 1 fetches ``fetch_k``; the baseline is its dense order, the reranked
-    system reorders the same candidates. Depth is ``max(top_k, 10)`` so nDCG@10/MRR@10 are defined."""
-    depth = max(top_k, 10)
+    """Run every query once per mode: stage 1 fetches ``fetch_k`` candidates (at least 10, so nDCG@10 and
+    MRR@10 are defined); the reranked system reorders the same candidates. ``keep_runs``: also return each
+    mode's stage-1 candidate ids per query (``runs``)."""
     qids = list(ds.queries)[:limit] if limit else list(ds.queries)
     vecs = pipeline.embedder.embed_queries([ds.queries[q] for q in qids])  # one batch: faster than per query
     do_rerank = rerank and pipeline.reranker.enabled
-    k = max(fetch_k if do_rerank else depth, depth)
-    dense: dict[str, list[str]] = {}
-    reranked: dict[str, list[str]] = {}
-    t_dense = t_rerank = 0.0
-    it = range(len(qids))
-    if progress:
-        import sys
-
-        from tqdm import tqdm
-
-        it = tqdm(it, unit="query", desc=f"eval {ds.name}", file=sys.stderr)
-    for i in it:
-        qid = qids[i]
-        # The library's one search policy; top_k=k keeps the whole reranked order for the metrics.
-        res = pipeline.search(
-            ds.queries[qid], fetch_k=k, top_k=k, rerank=do_rerank, collection=collection, vector=vecs[i]
-        )
-        t_dense += res.timings_ms["retrieve"] / 1e3
-        dense[qid] = _doc_ranking(res.candidates, ds.key)[:depth]
-        if do_rerank:
-            if not res.reranked:
-                raise RerankerError(f"query {qid!r} was not reranked ({res.reason}: {res.detail})")
-            reranked[qid] = _doc_ranking(res.hits, ds.key)[:depth]
-            t_rerank += res.timings_ms["rerank"] / 1e3
-    n = max(1, len(qids))
+    k = max(fetch_k, top_k, 10)
     out: dict[str, Any] = {
         "dataset": ds.name,
         "collection": collection,
         "queries": len(qids),
         "fetch_k": fetch_k,
         "top_k": top_k,
+        "modes": list(modes),
         "embedder": pipeline.embedder.info(),
-        "systems": {
-            "dense": {
-                **_scores(dense, ds.qrels, top_k),
-                "ms_per_query": t_dense / n * 1e3,
-                "description": f"stage 1: retrieve(k={top_k})",
-            },
-        },
+        "systems": {},
         "notes": list(ds.notes),
     }
+    runs: dict[str, dict[str, list[str]]] = {}
+    for mode in modes:
+        stage1, reranked, ids, strategies = {}, {}, {}, {}
+        t_stage1 = t_rerank = 0.0
+        it: Any = range(len(qids))
+        if progress:
+            import sys
+
+            from tqdm import tqdm
+
+            it = tqdm(it, unit="query", desc=f"eval {ds.name} {mode}", file=sys.stderr)
+        for i in it:
+            qid = qids[i]
+            # The library's one search policy; top_k=k keeps the whole reranked order for the metrics.
+            res = pipeline.search(
+                ds.queries[qid],
+                fetch_k=k,
+                top_k=k,
+                rerank=do_rerank,
+                collection=collection,
+                vector=vecs[i],
+                mode=mode,
+            )
+            t_stage1 += res.timings_ms["retrieve"] / 1e3
+            stage1[qid] = _doc_ranking(res.candidates, ds.key)
+            ids[qid] = [str(c["id"]) for c in res.candidates]
+            strategies[res.strategy] = strategies.get(res.strategy, 0) + 1
+            if do_rerank:
+                if not res.reranked:
+                    raise RerankerError(f"query {qid!r} was not reranked ({res.reason}: {res.detail})")
+                reranked[qid] = _doc_ranking(res.hits, ds.key)
+                t_rerank += res.timings_ms["rerank"] / 1e3
+        n = max(1, len(qids))
+        out["systems"][system_name(mode, False)] = {
+            **_scores(stage1, ds.qrels, top_k, fetch_k),
+            "ms_per_query": t_stage1 / n * 1e3,
+            "mode": mode,
+            "reranked": False,
+            "strategies": strategies,
+            "description": f"stage 1 {mode}: retrieve(k={k})",
+        }
+        if do_rerank:
+            out["systems"][system_name(mode, True)] = {
+                **_scores(reranked, ds.qrels, top_k, fetch_k),
+                "ms_per_query": (t_stage1 + t_rerank) / n * 1e3,
+                "mode": mode,
+                "reranked": True,
+                "description": f"{mode} + rerank(fetch_k={k}, top_k={top_k})",
+            }
+        runs[mode] = ids
     if do_rerank:
         info = pipeline.reranker.info()
         out["reranker"] = info
-        out["systems"]["reranked"] = {
-            **_scores(reranked, ds.qrels, top_k),
-            "ms_per_query": (t_dense + t_rerank) / n * 1e3,
-            "description": f"retrieve_and_rerank(fetch_k={fetch_k}, top_k={top_k})",
-        }
         if info.get("trained") is False:
             out["notes"].append(
                 "the reranker is the offline STAND-IN (untrained head): reranked figures measure plumbing "
@@ -226,6 +265,8 @@ def evaluate(
             )
     elif rerank:
         out["notes"].append("reranking is disabled (RAG_RERANKER=none): stage 1 only")
+    if keep_runs:
+        out["runs"] = runs
     return out
 
 
@@ -244,7 +285,7 @@ def save_results(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path,
 
 
 def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Grouped bar chart: one group per metric, one bar per system."""
+    """Grouped bar charts, stage 1 and reranked side by side: one group per metric, one bar per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,19 +293,24 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
 
     systems = results["systems"]
     metrics = [m for m in next(iter(systems.values())) if "@" in m]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    width = 0.8 / len(systems)
-    for j, (name, vals) in enumerate(systems.items()):
-        xs = [i + j * width for i in range(len(metrics))]
-        bars = ax.bar(xs, [vals[m] for m in metrics], width, label=name)
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(metrics))], metrics)
-    ax.set_ylim(0, 1)
-    title = f"{results['dataset']}: {results['queries']} queries"
-    if results.get("reranker", {}).get("trained") is False:
-        title += " (STAND-IN reranker: not meaningful)"
-    ax.set_title(title, fontsize=10)
-    ax.legend()
+    panels = [(False, "stage 1 alone")]
+    if any(v.get("reranked") for v in systems.values()):
+        stand_in = results.get("reranker", {}).get("trained") is False
+        label = "reranked" + (" by the STAND-IN reranker: plumbing, not relevance" if stand_in else "")
+        panels.append((True, label))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, (is_reranked, label) in zip(axes[0], panels, strict=True):
+        group = {v["mode"]: v for v in systems.values() if bool(v.get("reranked")) == is_reranked}
+        width = 0.8 / max(1, len(group))
+        for j, (mode, vals) in enumerate(group.items()):
+            xs = [i + j * width for i in range(len(metrics))]
+            bars = ax.bar(xs, [vals[m] for m in metrics], width, label=mode)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks([i + width * (len(group) - 1) / 2 for i in range(len(metrics))], metrics)
+        ax.set_ylim(0, 1)
+        ax.set_title(label, fontsize=10)
+        ax.legend()
+    fig.suptitle(f"{results['dataset']}: {results['queries']} queries", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -23,6 +23,8 @@ from rag.errors import IngestError
 from rag.store import ChunkRow, DocumentRow
 from rag.validation import text_problem
 
+_Documented = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef  # what has a docstring
+
 if TYPE_CHECKING:
     from rag.embed import Embedder
     from rag.store import Store
@@ -228,9 +230,9 @@ def iter_demo(limit: int | None = None, min_chars: int = 40) -> Iterator[Documen
             continue
 
         def emit(
-            qualname: str, node: ast.AST, kind: str, mod: str = mod, path: Path = path
+            qualname: str, node: _Documented, kind: str, mod: str = mod, path: Path = path
         ) -> Document | None:
-            doc = ast.get_docstring(node)  # type: ignore[arg-type]
+            doc = ast.get_docstring(node)
             if not doc or len(doc) < min_chars:
                 return None
             line = getattr(node, "lineno", 1)

@@ -23,9 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rag.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from rag.rerank.base import RerankBackend
+    from rag.stages import RerankerConfig
 
 __all__ = ["AGGREGATIONS", "DocPlan", "DocScore", "Plan", "Windower", "combine", "windower_for"]
 
@@ -229,13 +233,15 @@ def _windows(
         a = nxt if nxt > a else b
 
 
-def windower_for(reranker: Any, cfg: Any) -> Windower | None:
-    """The Windower of a reranker that has a tokenizer (the cross-encoder), sized by ``cfg``; None for
-    backends that read documents themselves (Cohere splits long documents on its side)."""
-    inner = getattr(reranker, "inner", reranker)
-    tok, max_length = getattr(inner, "tokenizer", None), getattr(inner, "max_length", None)
-    if tok is None or not max_length or not getattr(tok, "is_fast", False):
+def windower_for(backend: RerankBackend, cfg: RerankerConfig) -> Windower | None:
+    """The Windower of a backend that reads pairs through a fast tokenizer (the cross-encoder), sized by
+    ``cfg``; None for backends that read documents themselves (Cohere splits long documents on its side)."""
+    tok = backend.tokenizer
+    if tok is None or not backend.max_length or not getattr(tok, "is_fast", False):
         return None
     return Windower(
-        tok, max_length, overlap=cfg.rerank_window_overlap, max_tokens_per_doc=cfg.rerank_max_tokens_per_doc
+        tok,
+        backend.max_length,
+        overlap=cfg.rerank_window_overlap,
+        max_tokens_per_doc=cfg.rerank_max_tokens_per_doc,
     )

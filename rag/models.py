@@ -15,6 +15,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rag.errors import ModelError
 
@@ -206,7 +207,7 @@ _CALIBRATION = [
 ]
 
 
-def _calibrate_head(model, tok) -> None:  # type: ignore[no-untyped-def]
+def _calibrate_head(model: Any, tok: Any) -> None:
     """Scale the seeded random head so logits spread over about +-2 like a trained reranker's.
 
     Untrained, the head's logits barely vary between inputs (sigmoid scores all ~0.5), which would make

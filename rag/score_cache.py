@@ -2,9 +2,9 @@
 
 Key: the scoring model's identity (backend, model id and revision, dtype, runtime, max_length: whatever
 changes a score), the query text, and a 128-bit BLAKE2b hash of the document text (the window text for
-split documents). Value: the score the reranker returned for that pair. ``CachedReranker`` wraps any
-``rag.rerank.Reranker``: a call looks every pair up, sends only the pairs it lacks (deduplicated) to the
-wrapped reranker in one call, and stores their scores.
+split documents). Value: the score the backend returned for that pair. ``CachedReranker`` wraps any
+``rag.rerank.RerankBackend`` and is one itself: a call looks every pair up, sends only the pairs it lacks
+(deduplicated) to the wrapped backend in one call, and stores their scores.
 
 A cached score is the score the pair got when it was computed. In float32 that is the pair's score in any
 batch. With the bf16 screen + fp32 refine fast path, a pair outside its query's head in that batch keeps
@@ -15,7 +15,7 @@ bf16 error (~1e-2 logits) on pairs that were not in the head when first scored.
 Sizes are estimates: ``ENTRY_OVERHEAD`` bytes of Python objects per entry plus the query's UTF-8 bytes
 (counted per entry although entries of one request share the string) plus the 16-byte digest.
 
-Pure Python; no ray. One cache per Reranker replica (thread-safe).
+Pure Python; no ray. One cache per rerank engine, so per Reranker replica (thread-safe).
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ENTRY_OVERHEAD", "CachedReranker", "ScoreCache", "model_key", "with_cache"]
+from rag.errors import RerankerError
+from rag.rerank.base import RerankBackend, Scores, ScoreTimings
+from rag.settings import Settings
+from rag.stages import RerankerConfig
+from rag.validation import Pair, ValidPairs, validate_pairs
+
+__all__ = ["ENTRY_OVERHEAD", "CachedReranker", "ScoreCache", "cache_for", "model_key", "with_cache"]
 
 # OrderedDict node, key tuple, bytes digest, value tuple and float (CPython 3.11): an estimate per entry
 ENTRY_OVERHEAD = 200
@@ -115,71 +121,52 @@ class ScoreCache:
 
 
 class CachedReranker:
-    """A ``Reranker`` that answers pairs from a ``ScoreCache`` and computes only the ones it lacks."""
+    """A backend that answers pairs from a ``ScoreCache`` and computes only the ones it lacks with ``inner``
+    (the rerank engine holds its backend this way when ``rerank_cache`` is on)."""
 
-    def __init__(self, inner: Any, cache: ScoreCache) -> None:
+    def __init__(self, inner: RerankBackend, cache: ScoreCache) -> None:
         self.inner, self.cache = inner, cache
         self.enabled = inner.enabled
-        self.last_timings: dict[str, float] = {}
+        self.tokenizer, self.max_length = inner.tokenizer, inner.max_length
 
     def info(self) -> dict[str, Any]:
         return self.inner.info()
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        scores, self.last_timings, _ = self.score_with_hits(pairs)
-        return scores
-
-    def score_timed(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], dict[str, float]]:
-        scores, timings, _ = self.score_with_hits(pairs)
-        return scores, timings
-
-    def score_with_hits(
-        self, pairs: Sequence[tuple[str, str]]
-    ) -> tuple[list[float], dict[str, float], list[bool]]:
-        """(scores, timings incl. cache_hits / cache_misses, per pair: answered from the cache)."""
-        from rag.rerank import validate_pairs
-
-        validate_pairs(pairs)  # before anything is looked up or stored
+    def score(self, pairs: Sequence[Pair]) -> Scores:
+        """Scores of ``pairs``; ``cached`` says which came from the cache, ``timings`` counts hits/misses."""
+        pairs = validate_pairs(pairs)  # before anything is looked up or stored
         t0 = time.perf_counter()
         keys = [self.cache.key(q, d) for q, d in pairs]
         found = self.cache.get_many(keys)
-        hit = [v is not None for v in found]
         todo: dict[tuple[str, bytes], int] = {}
         for i, v in enumerate(found):
             if v is None:
                 todo.setdefault(keys[i], i)
         lookup_ms = (time.perf_counter() - t0) * 1e3
-        timings: dict[str, float] = {}
         computed: dict[tuple[str, bytes], float] = {}
+        timings = ScoreTimings()
         if todo:
-            miss_pairs = [pairs[i] for i in todo.values()]
-            if hasattr(self.inner, "score_timed"):
-                scores, timings = self.inner.score_timed(miss_pairs)
-            else:
-                scores = self.inner.score(miss_pairs)
-                timings = dict(getattr(self.inner, "last_timings", None) or {})
-            if len(scores) != len(miss_pairs):
-                from rag.errors import RerankerError
-
-                raise RerankerError(f"reranker returned {len(scores)} scores for {len(miss_pairs)} pairs")
-            computed = {k: float(s) for k, s in zip(todo, scores, strict=True)}
+            miss = ValidPairs(pairs[i] for i in todo.values())
+            got = self.inner.score(miss)
+            if len(got) != len(miss):
+                raise RerankerError(f"reranker returned {len(got)} scores for {len(miss)} pairs")
+            computed = dict(zip(todo, got, strict=True))
             self.cache.put_many(list(computed.items()))
-        out = [found[i] if found[i] is not None else computed[keys[i]] for i in range(len(pairs))]
-        timings = {
-            **timings,
-            "pairs": len(pairs),
-            "cache_hits": sum(hit),
-            "cache_misses": len(pairs) - sum(hit),
-            "cache_lookup_ms": lookup_ms,
-        }
-        timings.setdefault("inference_ms", 0.0)
-        return [float(x) for x in out], timings, hit  # type: ignore[arg-type]
+            timings = got.timings
+        hit = [v is not None for v in found]
+        out = [v if v is not None else computed[k] for k, v in zip(keys, found, strict=True)]
+        return Scores(out, timings.with_cache(len(pairs), sum(hit), lookup_ms), hit)
 
 
-def with_cache(reranker: Any, cfg: Any) -> Any:
-    """``reranker`` behind a ``ScoreCache`` sized by ``cfg`` (a RerankerConfig or Settings), unless
-    ``rerank_cache`` is off or the reranker is disabled."""
-    if not getattr(cfg, "rerank_cache", False) or not reranker.enabled:
-        return reranker
-    cache = ScoreCache(cfg.rerank_cache_entries, cfg.rerank_cache_bytes, namespace=model_key(reranker.info()))
-    return CachedReranker(reranker, cache)
+def cache_for(backend: RerankBackend, cfg: RerankerConfig | Settings) -> ScoreCache | None:
+    """A ``ScoreCache`` for ``backend``'s scores sized by ``cfg``; None when ``rerank_cache`` is off or the
+    backend is disabled."""
+    if not cfg.rerank_cache or not backend.enabled:
+        return None
+    return ScoreCache(cfg.rerank_cache_entries, cfg.rerank_cache_bytes, namespace=model_key(backend.info()))
+
+
+def with_cache(backend: RerankBackend, cfg: RerankerConfig | Settings) -> RerankBackend:
+    """``backend`` behind its ``cache_for`` cache (itself when there is none)."""
+    cache = cache_for(backend, cfg)
+    return backend if cache is None else CachedReranker(backend, cache)

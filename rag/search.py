@@ -6,7 +6,10 @@ calls it needs (``Embed``, ``Retrieve``, ``Rerank``) and a ``Dense`` notice once
 receives each call's result (or its exception, thrown in). A driver performs the calls:
 ``run_sync(policy, do)`` for the library, ``await run_async(policy, do)`` for the ingress.
 
-Degradation: when stage 2 does not run, the answer is stage 1's dense order and ``reason`` says why:
+Stage 1 runs in the request's ``mode`` (``dense``, ``lexical`` or ``hybrid``; ``rag.store.hybrid``): the
+``Retrieve`` call carries the query text and the mode. Degradation: when stage 2 does not run, the answer is
+stage 1's order and ``reason`` says why (``score`` is then the stage-1 score: ``fused_score`` in the lexical
+and hybrid modes, ``dense_score`` in dense mode):
 
 ============== ===================================================================================
 not_requested  the request said ``rerank: false``
@@ -26,11 +29,11 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from rag.errors import Overloaded, RerankerError, StageTimeout, validate_collection_name
-from rag.settings import SearchConfig
-from rag.validation import validate_search
+from rag.errors import Overloaded, RerankerError, StageTimeout
+from rag.stages import SearchConfig
+from rag.validation import check_mode, validate_collection_name, validate_search
 
 __all__ = [
     "SKIP_REASONS",
@@ -46,9 +49,11 @@ __all__ = [
     "rank",
     "run_async",
     "run_sync",
+    "stage1_score",
     "two_stage",
 ]
 
+R = TypeVar("R")  # what a policy returns
 SKIP_REASONS = ("not_requested", "disabled", "no_candidates", "budget", "overloaded", "reranker_error")
 
 
@@ -64,6 +69,8 @@ class Retrieve:
     vector: Any
     k: int
     filter: Any = None
+    query: str | None = None  # the text, for the lexical side
+    mode: str = "dense"  # dense | lexical | hybrid
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class SearchRequest:
     budget_ms: float | None = None
     filter: Any = None
     vector: Any = None  # a precomputed query embedding skips the Embed call (rag eval batches them)
+    mode: str = "hybrid"  # stage 1: dense | lexical | hybrid
 
 
 @dataclass
@@ -121,15 +129,16 @@ def make_request(
     collection: str | None = None,
     filter: Any = None,
     vector: Any = None,
+    mode: str | None = None,
 ) -> SearchRequest:
     """A validated request; unset values take the configured defaults. Raises InvalidInput."""
-    c: Any = cfg
-    fetch_k = c.fetch_k if fetch_k is None else fetch_k
-    top_k = c.top_k if top_k is None else top_k
-    validate_search(query, fetch_k, top_k, max_fetch_k=c.max_fetch_k, max_chars=c.max_query_chars)
-    coll = validate_collection_name(collection) if collection is not None else c.collection
-    budget = budget_ms if budget_ms is not None else c.budget_ms
-    return SearchRequest(str(query), fetch_k, top_k, coll, rerank, budget, filter, vector)  # type: ignore[arg-type]
+    fetch_k = cfg.fetch_k if fetch_k is None else fetch_k
+    top_k = cfg.top_k if top_k is None else top_k
+    validate_search(query, fetch_k, top_k, max_fetch_k=cfg.max_fetch_k, max_chars=cfg.max_query_chars)
+    coll = validate_collection_name(collection) if collection is not None else cfg.collection
+    budget = budget_ms if budget_ms is not None else cfg.budget_ms
+    mode = check_mode(cfg.search_mode if mode is None else mode)
+    return SearchRequest(str(query), fetch_k, top_k, coll, rerank, budget, filter, vector, mode)
 
 
 def rank(candidates: Sequence[dict], scores: Sequence[float], top_k: int) -> list[dict]:
@@ -140,9 +149,15 @@ def rank(candidates: Sequence[dict], scores: Sequence[float], top_k: int) -> lis
     return [{**candidates[i], "score": float(scores[i])} for i in order[:top_k]]
 
 
+def stage1_score(hit: dict) -> float | None:
+    """The score stage 1 ordered ``hit`` by: ``fused_score`` (lexical, hybrid), else ``dense_score``."""
+    return hit["fused_score"] if "fused_score" in hit else hit["dense_score"]
+
+
 def dense_hits(candidates: Sequence[dict], top_k: int) -> list[dict]:
-    """Stage 1's order, ``score == dense_score``: the answer whenever stage 2 does not run."""
-    return [{**c, "score": c["dense_score"]} for c in candidates[:top_k]]
+    """Stage 1's order, ``score`` = its stage-1 score (``dense_score`` in dense mode): the answer whenever
+    stage 2 does not run."""
+    return [{**c, "score": stage1_score(c)} for c in candidates[:top_k]]
 
 
 @dataclass
@@ -183,10 +198,11 @@ def two_stage(
     t0 = time.perf_counter()
     vec = req.vector if req.vector is not None else (yield Embed(req.query))
     t1 = time.perf_counter()
-    cands = list((yield Retrieve(req.collection, vec, req.fetch_k, req.filter)) or [])
+    found = yield Retrieve(req.collection, vec, req.fetch_k, req.filter, req.query, req.mode)
+    cands = list(found or [])
     t2 = time.perf_counter()
     timings = {"embed": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3, "rerank": 0.0}
-    strategy = getattr(cands, "strategy", None)
+    strategy = getattr(found, "strategy", None)
     dense = dense_hits(cands, req.top_k)
     yield Dense(dense, len(cands), dict(timings))
 
@@ -240,10 +256,11 @@ def two_stage(
 
 
 # -- drivers ----------------------------------------------------------------------------------------------
-def run_sync(policy: Generator[Step, Any, SearchResult], do: Callable[[Step], Any]) -> SearchResult:
+def run_sync(policy: Generator[Any, Any, R], do: Callable[[Any], Any]) -> R:
     """Drive ``policy`` with a blocking ``do(step)``: ``run_async``'s loop, with nothing to wait for.
 
-    No event loop is needed (the coroutine never suspends), so it works inside a running one too."""
+    No event loop is needed (the coroutine never suspends), so it works inside a running one too. Any policy
+    generator: this module's, and the rerank engine's (``rag.rerank_engine``)."""
 
     async def call(step: Step) -> Any:
         return do(step)
@@ -258,10 +275,10 @@ def run_sync(policy: Generator[Step, Any, SearchResult], do: Callable[[Step], An
 
 
 async def run_async(
-    policy: Generator[Step, Any, SearchResult],
-    do: Callable[[Step], Awaitable[Any]],
+    policy: Generator[Any, Any, R],
+    do: Callable[[Any], Awaitable[Any]],
     on_dense: Callable[[Dense], Awaitable[None]] | None = None,
-) -> SearchResult:
+) -> R:
     """Drive ``policy`` with an async ``do(step)``; ``on_dense`` hears the stage-1 notice (streaming)."""
     try:
         step = next(policy)

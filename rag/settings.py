@@ -1,12 +1,13 @@
-"""The one Settings object, the only module that reads environment variables, and its per-stage slices.
+"""The one Settings object and the only module that reads environment variables.
 
 Every knob has the prefix ``RAG_`` (``RAG_DATABASE_URL``, ``RAG_RERANKER``, ...). The Cohere key is also read
 from ``CO_API_KEY``, the variable Cohere's own SDK uses.
 
 Each field says where it is used: the stages that need it (``embedder``, ``store``, ``reranker``,
 ``search``) or, for a field only the local process uses, the reason (``local=``). The typed per-stage
-configuration objects (``EmbedderConfig``, ``StoreConfig``, ``RerankerConfig``, ``SearchConfig``) are
-*derived* from those tags, so a new field reaches the replica that uses it with no second edit:
+configuration classes (``EmbedderConfig``, ``StoreConfig``, ``RerankerConfig``, ``SearchConfig``, in
+``rag.stages``) declare those fields; importing them checks that each holds exactly the fields tagged with
+its stage, so the tag stays the one rule of where a setting goes:
 
     >>> Settings(rerank_runtime="torch").slice("reranker").rerank_runtime
     'torch'
@@ -20,25 +21,32 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args, overload
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # defined in rag.stages, which builds them from Settings (see __getattr__ below)
+    from rag.stages import EmbedderConfig, RerankerConfig, SearchConfig, StageConfig, StoreConfig
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
     "DEFAULT_RERANK_MODEL",
+    "SEARCH_MODES",
     "SECRETS",
     "STAGES",
     "EmbedderConfig",
     "RerankerConfig",
     "SearchConfig",
+    "SearchMode",
     "Settings",
     "StageConfig",
     "StoreConfig",
     "field_stages",
     "get_settings",
     "local_reason",
+    "redact_url",
 ]
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -48,8 +56,13 @@ RerankerBackend = Literal["cross-encoder", "cohere", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Runtime = Literal["auto", "torch", "openvino"]
+SearchMode = Literal["dense", "lexical", "hybrid"]
+LexicalIndexKind = Literal["auto", "bm25", "fts"]
+Screen = Literal["auto", "fp32", "bf16", "int8"]
+Aggregation = Literal["max", "mean", "first"]
 
 STAGES = ("embedder", "store", "reranker", "search")
+SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 
 
 def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
@@ -60,11 +73,13 @@ def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
     return Field(default, json_schema_extra=extra, **kw)
 
 
-# Never written into a Serve config, a log line or /info: they travel through the environment.
-SECRETS = frozenset({"database_url", "cohere_api_key", "api_keys"})
+# Never written into a Serve config, a log line or /info: they travel through the environment. (api_key is the
+# client's own key: never the service's, and never put into a Serve config by `rag serve` either.)
+SECRETS = frozenset({"database_url", "cohere_api_key", "api_keys", "api_key"})
 
 _CLI = "used by the CLI process only (rag ingest / rag db), never by a Serve replica"
 _LAUNCH = "bound by `rag serve` itself when it starts Ray and the HTTP proxy"
+_CLIENT = "read by the Python client (rag.client) in the caller's process, never by the service"
 
 
 class Settings(BaseSettings):
@@ -101,6 +116,42 @@ class Settings(BaseSettings):
         ge=1.0,
         le=10.0,
         description="ef_search = k x this: the recall margin over k (1.0 = exactly k).",
+    )
+    lexical_index: LexicalIndexKind = _f(
+        "auto",
+        "store",
+        description="Lexical index new collections get: bm25 (pg_textsearch), fts (tsvector + GIN, on every "
+        "PostgreSQL); auto = bm25 where the server has pg_textsearch, else fts.",
+    )
+    text_search_config: str = _f(
+        "english",
+        "store",
+        pattern=r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$",
+        description="PostgreSQL text search configuration (stemming, stop words) of new lexical indexes, "
+        "and of an attached tsvector column whose configuration cannot be read from its definition.",
+    )
+    # hybrid fusion (docs/retrieval.md: how the defaults were chosen)
+    fusion_rrf_k: int = _f(
+        60,
+        "store",
+        ge=1,
+        description="Reciprocal rank fusion's k: a row scores sum(weight / (k + rank)) over the sides "
+        "(dense, lexical) that returned it.",
+    )
+    fusion_depth_factor: float = _f(
+        2.0,
+        "store",
+        ge=1.0,
+        le=10.0,
+        description="Hybrid: each side fetches max(fusion_depth_min, k x this) rows (at most 1000) before "
+        "fusing them down to k.",
+    )
+    fusion_depth_min: int = _f(
+        50, "store", ge=1, le=1000, description="Hybrid: the fewest rows each side fetches."
+    )
+    fusion_dense_weight: float = _f(1.0, "store", ge=0.0, description="Hybrid: RRF weight of the dense side.")
+    fusion_lexical_weight: float = _f(
+        1.0, "store", ge=0.0, description="Hybrid: RRF weight of the lexical side."
     )
 
     # --- models --------------------------------------------------------------------------------
@@ -146,7 +197,7 @@ class Settings(BaseSettings):
     rerank_refine_margin: float = _f(
         0.1, "reranker", ge=0, description="Also rescore pairs within this many logits of the N-th best."
     )
-    rerank_screen: Literal["auto", "fp32", "bf16", "int8"] = _f(
+    rerank_screen: Screen = _f(
         "auto",
         "reranker",
         description="Fast path's screen of all pairs (the refine stays fp32): int8 (OpenVINO + NNCF "
@@ -158,7 +209,7 @@ class Settings(BaseSettings):
         description="Read-only prebuilt OpenVINO IR cache (the image's, float and int8); the rest is built "
         "under data_dir/models.",
     )
-    rerank_long_documents: Literal["max", "mean", "first"] = _f(
+    rerank_long_documents: Aggregation = _f(
         "max",
         "reranker",
         description="Rerank routes: a document longer than the model's window is split into overlapping "
@@ -185,8 +236,16 @@ class Settings(BaseSettings):
         128,
         "reranker",
         ge=1,
-        description="Pairs one request contributes to a batch at most; larger requests take turns with "
-        "the others chunk by chunk, and stop between chunks when cancelled or past their deadline.",
+        description="Pairs one request contributes to a batch at most (rerank_chunk_ms sizes chunks below "
+        "it); larger requests take turns with the others chunk by chunk, and stop between chunks when "
+        "cancelled or past their deadline.",
+    )
+    rerank_chunk_ms: float = _f(
+        250.0,
+        "reranker",
+        ge=0,
+        description="Target compute time of one request's chunk, from the replica's measured pairs/s: a "
+        "small request waits at most about this long behind a large one (0: rerank_chunk_pairs only).",
     )
     rerank_max_request_tokens: int = _f(
         1 << 20,
@@ -216,6 +275,12 @@ class Settings(BaseSettings):
 
     # --- retrieval defaults and limits -----------------------------------------------------------
     fetch_k: int = _f(100, "search", ge=1, description="Default stage-1 candidates.")
+    search_mode: SearchMode = _f(
+        "hybrid",
+        "search",
+        description="Default stage-1 mode: dense (pgvector), lexical (BM25 or full-text search) or hybrid "
+        "(both, fused by RRF in one SQL statement); chosen on Cranfield (docs/retrieval.md).",
+    )
     top_k: int = _f(8, "search", ge=1, description="Default results returned.")
     max_fetch_k: int = _f(
         1000, "search", ge=1, le=1000, description="Upper bound on fetch_k (pgvector caps at 1000)."
@@ -259,10 +324,24 @@ class Settings(BaseSettings):
         "`Authorization: Bearer <key>`. Unset: the service is open (and says so at start-up).",
     )
 
+    # --- the Python client (rag.client) ------------------------------------------------------------
+    api_key: SecretStr | None = _f(
+        None,
+        local=_CLIENT,
+        description="The key rag.client.Client / AsyncClient send as `Authorization: Bearer <key>` when "
+        "none is passed (one of the service's RAG_API_KEYS).",
+    )
+    service_url: str | None = _f(
+        None,
+        local=_CLIENT,
+        description="The service rag.client talks to when no URL is passed (unset: "
+        "http://<serve_host>:<serve_port>, where `rag serve` listens).",
+    )
+
     @field_validator("collection")
     @classmethod
     def _collection_name(cls, v: str) -> str:
-        from rag.errors import validate_collection_name
+        from rag.validation import validate_collection_name
 
         return validate_collection_name(v)
 
@@ -288,6 +367,14 @@ class Settings(BaseSettings):
     def model_cache(self) -> Path:
         return (self.data_dir / "models").resolve()
 
+    @property
+    def client_url(self) -> str:
+        """Where rag.client connects when no URL is passed: ``service_url``, else the local ``rag serve``."""
+        if self.service_url:
+            return self.service_url.rstrip("/")
+        host = "127.0.0.1" if self.serve_host in ("", "0.0.0.0", "::") else self.serve_host
+        return f"http://[{host}]:{self.serve_port}" if ":" in host else f"http://{host}:{self.serve_port}"
+
     def with_overrides(self, **kw: object) -> Settings:
         """A copy with the non-None keyword arguments applied (CLI flags)."""
         upd = {k: v for k, v in kw.items() if v is not None}
@@ -296,9 +383,19 @@ class Settings(BaseSettings):
         data = {k: getattr(self, k) for k in self.model_fields_set}
         return type(self)(**{**data, **upd})
 
+    @overload
+    def slice(self, stage: Literal["embedder"], **override: Any) -> EmbedderConfig: ...
+    @overload
+    def slice(self, stage: Literal["store"], **override: Any) -> StoreConfig: ...
+    @overload
+    def slice(self, stage: Literal["reranker"], **override: Any) -> RerankerConfig: ...
+    @overload
+    def slice(self, stage: Literal["search"], **override: Any) -> SearchConfig: ...
     def slice(self, stage: str, **override: Any) -> StageConfig:
         """The typed configuration of one stage: the fields tagged with it (``override`` replaces some)."""
-        cls = _SLICES[stage]
+        from rag.stages import SLICES
+
+        cls = SLICES[stage]
         values = {name: getattr(self, name) for name in cls.model_fields}
         return cls.model_validate({**values, **override})
 
@@ -315,96 +412,32 @@ def local_reason(name: str) -> str | None:
     return extra.get("local") if isinstance(extra, dict) else None
 
 
-class StageConfig(BaseModel):
-    """Base of the per-stage configuration objects: frozen, picklable, secrets redacted in ``public()``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    stage: ClassVar[str] = ""
-
-    def public(self) -> dict[str, Any]:
-        """The fields as JSON values with every secret redacted (for /info and logs)."""
-        from rag.errors import redact_url
-
-        out = self.model_dump(mode="json")
-        for name, value in out.items():
-            if isinstance(getattr(self, name), SecretStr):
-                out[name] = "***" if value else None
-            elif name.endswith("_url") and isinstance(value, str):
-                out[name] = redact_url(value)
-        return out
-
-
-class _ModelStage(StageConfig):
-    @property
-    def model_cache(self) -> Path:
-        return (Path(self.data_dir) / "models").resolve()  # type: ignore[attr-defined]
-
-
-class _StoreStage(StageConfig):
-    def ef_search_rule(self) -> str:
-        s: Any = self
-        return (
-            f"ef_search = min(1000, max({s.hnsw_ef_search_min}, k, floor(k x {s.hnsw_ef_search_factor:g})))"
-        )
-
-    def store_kwargs(self, *, writer: bool = False) -> dict[str, Any]:
-        """Keyword arguments of ``rag.store.Store`` (``writer``) or ``AsyncStore`` (search only)."""
-        s: Any = self
-        kw = {
-            "min_size": s.pool_min_size,
-            "max_size": s.pool_max_size,
-            "timeout_s": s.connect_timeout_s,
-            "ef_search_min": s.hnsw_ef_search_min,
-            "ef_search_factor": s.hnsw_ef_search_factor,
-        }
-        if writer:
-            kw.update(hnsw_m=s.hnsw_m, hnsw_ef_construction=s.hnsw_ef_construction)
-        return kw
-
-
-class _SearchStage(StageConfig):
-    def api_key_list(self) -> list[str]:
-        """The configured API keys (empty: authentication is off)."""
-        keys: Any = self.api_keys  # type: ignore[attr-defined]
-        return [k.strip() for k in keys.get_secret_value().split(",") if k.strip()] if keys else []
-
-    @property
-    def rerank_wait_s(self) -> float:
-        """How long the ingress waits for the Reranker."""
-        s: Any = self
-        return float(s.rerank_timeout_s or s.request_timeout_s)
-
-    @property
-    def documents_limit(self) -> int:
-        s: Any = self
-        return int(s.max_documents or s.max_fetch_k)
-
-
-def _derive(stage: str, base: type[StageConfig]) -> type[StageConfig]:
-    fields = {
-        name: (info.annotation, info)
-        for name, info in Settings.model_fields.items()
-        if stage in field_stages(name)
-    }
-    cls = create_model(f"{stage.capitalize()}Config", __base__=base, __module__=__name__, **fields)  # type: ignore[call-overload]
-    cls.stage = stage
-    cls.__doc__ = f"What the {stage} stage uses of Settings (derived from the field tags; see Settings)."
-    return cls
-
-
-EmbedderConfig = _derive("embedder", _ModelStage)
-StoreConfig = _derive("store", _StoreStage)
-RerankerConfig = _derive("reranker", _ModelStage)
-SearchConfig = _derive("search", _SearchStage)
-_SLICES: dict[str, type[StageConfig]] = {
-    "embedder": EmbedderConfig,
-    "store": StoreConfig,
-    "reranker": RerankerConfig,
-    "search": SearchConfig,
-}
-
-
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Settings from the environment, read once per process."""
     return Settings()
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db`` (logs, /info, errors)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+_STAGE_CLASSES = frozenset({"EmbedderConfig", "RerankerConfig", "SearchConfig", "StageConfig", "StoreConfig"})
+
+
+def __getattr__(name: str) -> Any:
+    """The stage configuration classes, importable from here as before: they live in ``rag.stages``, which
+    imports this module to build them, so they are looked up on first use rather than imported here."""
+    if name in _STAGE_CLASSES:
+        import rag.stages
+
+        return getattr(rag.stages, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,18 +8,28 @@ request joins a batch, so one bad request never fails another.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
-from rag.errors import InvalidInput
+from rag.errors import CollectionError, InvalidInput
 
 __all__ = [
+    "COLLECTION_RE",
+    "Pair",
+    "ValidPairs",
+    "check_mode",
     "check_text",
     "text_problem",
+    "validate_collection_name",
     "validate_documents",
+    "validate_pairs",
     "validate_query",
     "validate_search",
     "validate_texts",
 ]
+
+# Collections become table names, so they are plain lower-case identifiers.
+COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 def text_problem(value: str) -> str | None:
@@ -57,6 +67,15 @@ def validate_query(query: object, field: str = "query", *, max_chars: int | None
             "(RAG_MAX_QUERY_CHARS): shorten it"
         )
     return check_text(query, field)
+
+
+def check_mode(mode: object) -> str:
+    """A stage-1 mode: ``dense``, ``lexical`` or ``hybrid``."""
+    from rag.settings import SEARCH_MODES
+
+    if mode not in SEARCH_MODES:
+        raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+    return str(mode)
 
 
 def _positive_int(value: object, name: str, words: str) -> int:
@@ -101,3 +120,37 @@ def validate_texts(
     if len(texts) > limit:
         raise InvalidInput(f"{len(texts)} {field}; at most {limit} per request (RAG_MAX_EMBED_INPUTS)")
     return [validate_query(t, f"{field}[{i}]", max_chars=max_chars) for i, t in enumerate(texts)]
+
+
+def validate_collection_name(name: str) -> str:
+    """Collections become table names, so they are plain lower-case identifiers."""
+    if not isinstance(name, str) or not COLLECTION_RE.match(name):
+        raise CollectionError(
+            f"invalid collection name {name!r}: use 1-40 characters of lower-case letters, digits and "
+            "underscores, starting with a letter (e.g. 'default', 'cranfield')"
+        )
+    return name
+
+
+Pair = tuple[str, str]
+
+
+class ValidPairs(tuple[Pair, ...]):
+    """(query, document) pairs known to be valid text: what ``validate_pairs`` returns, and what the rerank
+    engine builds from a request validated at the edge. A backend scores these without checking again."""
+
+    __slots__ = ()
+
+
+def validate_pairs(pairs: Sequence[object]) -> ValidPairs:
+    """``pairs`` as ``ValidPairs``: each a (query, document) pair of valid text (``check_text``)."""
+    if isinstance(pairs, ValidPairs):
+        return pairs
+    out: list[Pair] = []
+    for i, p in enumerate(pairs):
+        if not (isinstance(p, tuple | list) and len(p) == 2):
+            raise InvalidInput(
+                f"pair {i} must be a (query, document) pair of strings, got {type(p).__name__}"
+            )
+        out.append((check_text(p[0], f"pair {i} query"), check_text(p[1], f"pair {i} document")))
+    return ValidPairs(out)

@@ -190,12 +190,22 @@ CHECKS: list[tuple[str, str, str]] = [
         "pg_textsearch",
         "SELECT rag_check('bm25 scan', (SELECT id FROM t ORDER BY content <@> to_bm25query('E77 socket', 't_bm25') LIMIT 1) = 77 AND rag_plan('SELECT id FROM t ORDER BY content <@> to_bm25query(''E77'', ''t_bm25'') LIMIT 5') LIKE '%t_bm25%')",
     ),
+    (
+        "bm25 filtered scan",
+        "pg_textsearch",
+        "SELECT rag_check('bm25 filtered scan', (SELECT count(*) FROM (SELECT id FROM t WHERE metadata @> '{\"kind\": \"odd\"}' ORDER BY content <@> to_bm25query('socket timeout', 't_bm25') LIMIT 300) s) = 300)",
+    ),
     # built-in full-text search: GIN over a tsvector expression, OR queries, ts_rank_cd
     ("fts gin build", "postgres", "CREATE INDEX t_fts ON t USING gin (to_tsvector('english', content))"),
     (
         "fts scan",
         "postgres",
         "SELECT rag_check('fts scan', (SELECT id FROM t WHERE to_tsvector('english', content) @@ to_tsquery('english', 'e77 | nonexistentword') ORDER BY ts_rank_cd(to_tsvector('english', content), to_tsquery('english', 'e77 | nonexistentword')) DESC LIMIT 1) = 77 AND rag_plan('SELECT id FROM t WHERE to_tsvector(''english'', content) @@ websearch_to_tsquery(''english'', ''e77 or parse'')') LIKE '%t_fts%')",
+    ),
+    (
+        "fts or-query rank",
+        "postgres",
+        "SELECT rag_check('fts or-query rank', (SELECT id FROM t, (SELECT regexp_replace(plainto_tsquery('english', 'E77 and nonexistentword')::text, ' (&|<->|<[0-9]+>) ', ' | ', 'g')::tsquery) q(q) WHERE to_tsvector('english', content) @@ q.q ORDER BY ts_rank(to_tsvector('english', content), q.q, 1) DESC, id LIMIT 1) = 77)",
     ),
     # filters: jsonb containment (GIN jsonb_path_ops) and source prefixes (text_pattern_ops)
     (

@@ -294,7 +294,7 @@ def test_the_cli_attaches_queries_refuses_ingest_and_detaches(seed_table, db_url
 
     def rag(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "rag.cli", *args], capture_output=True, text=True, env=env, timeout=300
+            [sys.executable, "-m", "ragcli", *args], capture_output=True, text=True, env=env, timeout=300
         )
 
     bad = rag("attach", "seedcli", "--table", "chunks", "--content-column", "body", "--dim", "384")

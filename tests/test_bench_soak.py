@@ -9,15 +9,15 @@ import time
 import pytest
 
 from bench import soak
-from deployments import _schemas as s
+from deployments.api import cohere, jina, openai, search, tei
 
 MODELS = {
-    "/search": s.SearchRequest,
-    "/v2/rerank": s.CohereRerankRequest,
-    "/v1/rerank": s.CohereV1RerankRequest,
-    "/rerank": s.TEIRerankRequest,
-    "/embed": s.EmbedRequest,
-    "/v1/embeddings": s.OpenAIEmbeddingsRequest,
+    "/search": search.SearchRequest,
+    "/v2/rerank": cohere.CohereRerankRequest,
+    "/v1/rerank": jina.CohereV1RerankRequest,
+    "/rerank": tei.TEIRerankRequest,
+    "/embed": tei.EmbedRequest,
+    "/v1/embeddings": openai.OpenAIEmbeddingsRequest,
 }
 
 

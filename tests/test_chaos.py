@@ -286,7 +286,7 @@ def _rag_ingest(folder: Path, collection: str, url: str, state_dir: Path) -> sub
         "RAG_OFFLINE": "1",
         "RAG_INGEST_BATCH_DOCS": "4",
     }
-    cmd = [sys.executable, "-m", "rag.cli", "ingest", str(folder), "--json"]
+    cmd = [sys.executable, "-m", "ragcli", "ingest", str(folder), "--json"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

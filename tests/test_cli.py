@@ -15,7 +15,7 @@ import pytest
 
 def rag(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rag.cli", *args],
+        [sys.executable, "-m", "ragcli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **env},
@@ -35,7 +35,7 @@ def cli_env(tmp_path_factory, db_url):
 
 
 def test_help_explains_every_command():
-    out = subprocess.run([sys.executable, "-m", "rag.cli", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "ragcli", "--help"], capture_output=True, text=True).stdout
     for cmd in ("db", "ingest", "query", "serve", "eval"):
         assert cmd in out
 

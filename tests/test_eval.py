@@ -93,3 +93,48 @@ def test_end_to_end_eval_on_a_tiny_beir_set(pipeline, collection, tmp_path):
 def test_cranfield_loads(cranfield):
     ds = load_beir(cranfield)
     assert len(ds.queries) == 225 and sum(len(v) for v in ds.qrels.values()) == 1612
+
+
+def test_eval_and_the_library_give_the_same_candidates_per_mode(pipeline, collection, tmp_path):
+    """`rag eval` runs the library's search: for each mode, the same stage-1 candidates in the same order."""
+    root = tmp_path / "beir"
+    root.mkdir()
+    ds = load_beir(_tiny_beir(root))
+    ensure_corpus(pipeline, ds, collection)
+    res = evaluate(pipeline, ds, collection=collection, rerank=False, fetch_k=4, top_k=2, keep_runs=True)
+    assert set(res["systems"]) == {"dense", "lexical", "hybrid"} and res["modes"] == [
+        "dense",
+        "lexical",
+        "hybrid",
+    ]
+    assert set(res["systems"]["hybrid"]) >= {"recall@2", "recall@4", "ndcg@10", "mrr@10"}
+    assert res["systems"]["hybrid"]["strategies"] and set(res["systems"]["lexical"]["strategies"]) <= {
+        "bm25",
+        "bm25-scored",
+    }
+    for mode in ("dense", "lexical", "hybrid"):
+        for qid, ids in res["runs"][mode].items():
+            lib = pipeline.retrieve(ds.queries[qid], 10, collection=collection, mode=mode)
+            assert ids == [h["id"] for h in lib], (mode, qid)
+    # a keyword the lexical side ranks first: "slabs" is in one document only
+    assert res["runs"]["lexical"]["2"][0].startswith("2")
+
+
+def test_eval_reranks_each_mode_and_labels_the_stand_in(pipeline, collection, tmp_path):
+    root = tmp_path / "beir"
+    root.mkdir()
+    ds = load_beir(_tiny_beir(root))
+    ensure_corpus(pipeline, ds, collection)
+    res = evaluate(pipeline, ds, collection=collection, fetch_k=4, top_k=2)
+    assert set(res["systems"]) == {
+        "dense",
+        "reranked",
+        "lexical",
+        "lexical+reranked",
+        "hybrid",
+        "hybrid+reranked",
+    }
+    assert all(v["reranked"] == name.endswith("reranked") for name, v in res["systems"].items())
+    assert any("STAND-IN" in n and "not relevance" in n for n in res["notes"])
+    _, ppath = save_results(res, tmp_path / "out")
+    assert ppath is not None and ppath.stat().st_size > 10_000

@@ -31,7 +31,7 @@ def test_retrieve_and_rerank_shape(pipeline, filled):
 
 
 def test_retrieve_is_dense_order(pipeline, filled):
-    hits = pipeline.retrieve("parse a date string", 5, collection=filled)
+    hits = pipeline.retrieve("parse a date string", 5, collection=filled, mode="dense")
     assert len(hits) == 5 and all(h["score"] == h["dense_score"] for h in hits)
     assert "datetime" in hits[0]["content"] or "strptime" in hits[0]["content"]
 

@@ -56,7 +56,7 @@ class LocalHandle:
 class NoStore:
     candidates: list[dict] = []
 
-    async def search(self, *a: Any) -> list:
+    async def search(self, *a: Any, **kw: Any) -> list:
         return list(NoStore.candidates)
 
     def ready(self) -> dict:

@@ -52,7 +52,7 @@ def _docs(n: int, chars: int, text: str) -> list[str]:
 
 
 def test_fair_pairs_ahead() -> None:
-    from deployments.reranker import fair_pairs_ahead
+    from rag.rerank_schedule import fair_pairs_ahead
 
     assert fair_pairs_ahead([], 20, 128) == 0
     # a 1,000-pair request ahead costs a 20-pair request one chunk of it, not all of it
@@ -140,7 +140,9 @@ def test_a_cancelled_request_stops_at_the_next_chunk(rr: Any) -> None:
         task.cancel()  # what Serve does when the HTTP client disconnects or the ingress times out
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _until(lambda: rr._running == 0)  # a chunk already in the model finishes; nothing after it
+        await _until(
+            lambda: rr.engine.scheduler.running == 0
+        )  # a chunk already in the model finishes; nothing after it
         await asyncio.sleep(0.3)  # a batch that would still start would do so now
         return rr.stats()
 
@@ -178,7 +180,7 @@ def test_the_cost_cap_refuses_up_front(rr: Any) -> None:
     st = rr.run(scenario())
     assert st["batches"] == 0 and st["refused_cost"] == 1
     out = rr.run(rr.rerank_documents("how do I parse a date", docs[:10]))  # under the cap: scored
-    assert len(out["scores"]) == 10
+    assert len(out.scores) == 10  # a RerankResult (was a dict)
 
 
 # --------------------------------------------------------------------------------------------------

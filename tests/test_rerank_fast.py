@@ -94,16 +94,19 @@ def test_parity_configuration_is_predict(ref, expected):
 
 def test_fast_path_fp32_equals_predict(settings, expected):
     fp32 = _make(settings, dtype="float32")  # sorted, budgeted, default runtime; no refine needed in fp32
-    np.testing.assert_allclose(fp32.score(PAIRS), expected, rtol=1e-4, atol=1e-4)
-    assert fp32.info()["refine"] is None and fp32.last_timings["refined_pairs"] == 0
+    scores = fp32.score(PAIRS)
+    last_timings = scores.timings.as_dict()  # each call's timings come with its scores
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    assert fp32.info()["refine"] is None and last_timings["refined_pairs"] == 0
 
 
 def test_default_fast_path_reports_and_keeps_the_fp32_head(reranker, expected):
     info = reranker.info()
     assert info["runtime"] in {"openvino", "torch"} and info["dtype"] in {"bfloat16", "float32", "float16"}
     assert {"threads", "token_budget", "refine", "sorted"} <= set(info)
-    got = np.asarray(reranker.score(PAIRS))
-    t = reranker.last_timings
+    scores = reranker.score(PAIRS)
+    got = np.asarray(scores)
+    t = scores.timings.as_dict()
     assert t["pairs"] == len(PAIRS) and t["unique_pairs"] == len(PAIRS)
     assert t["forward_passes"] >= 1 and t["tokens"] <= t["padded_tokens"]
     # per query, the top-k order is fp32's exactly; the rest stays close
@@ -117,7 +120,8 @@ def test_default_fast_path_reports_and_keeps_the_fp32_head(reranker, expected):
 def test_duplicate_pairs_are_scored_once(reranker):
     pairs = [PAIRS[0], PAIRS[1], PAIRS[0], PAIRS[3], PAIRS[1]]
     scores = reranker.score(pairs)
-    assert reranker.last_timings["unique_pairs"] == 3 and reranker.last_timings["pairs"] == 5
+    last_timings = scores.timings.as_dict()
+    assert last_timings["unique_pairs"] == 3 and last_timings["pairs"] == 5
     assert scores[0] == scores[2] and scores[1] == scores[4]
     assert reranker.score([]) == []
 

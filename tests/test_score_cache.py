@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rag.errors import InvalidInput
+from rag.rerank import Scores
 from rag.score_cache import ENTRY_OVERHEAD, CachedReranker, ScoreCache, model_key, with_cache
 from rag.settings import Settings
 
@@ -13,13 +14,15 @@ class Counting:
     """A reranker whose score is a function of the pair; it records what it was asked to compute."""
 
     enabled = True
+    tokenizer = None
+    max_length = 0
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, str]]] = []
 
     def score(self, pairs):
         self.calls.append(list(pairs))
-        return [len(q) + len(d) / 1000 for q, d in pairs]
+        return Scores([len(q) + len(d) / 1000 for q, d in pairs])
 
     def info(self):
         return {"backend": "test", "model": "m", "revision": "r1"}
@@ -30,7 +33,8 @@ def test_only_missing_pairs_are_computed():
     rr = CachedReranker(inner, ScoreCache(100, 1 << 20))
     first = rr.score([("q", "a"), ("q", "b"), ("q", "a")])
     assert inner.calls == [[("q", "a"), ("q", "b")]]  # deduplicated
-    scores, timings, hits = rr.score_with_hits([("q", "b"), ("q", "c"), ("p", "a")])
+    scores = rr.score([("q", "b"), ("q", "c"), ("p", "a")])  # each call says which pairs the cache answered
+    timings, hits = scores.timings.as_dict(), scores.cached
     assert inner.calls[-1] == [("q", "c"), ("p", "a")]  # the query is part of the key
     assert hits == [True, False, False] and timings["cache_hits"] == 1 and timings["cache_misses"] == 2
     assert scores[0] == first[1]
@@ -103,6 +107,7 @@ def test_fidelity_cached_scores_are_identical_to_uncached(settings, dtype):
     cached = CachedReranker(model, ScoreCache(10_000, 1 << 24))
     for pairs in requests:
         uncached = model.score(pairs)
-        got, timings, hits = cached.score_with_hits(pairs)
+        got = cached.score(pairs)
+        timings, hits = got.timings.as_dict(), got.cached
         assert got == uncached  # identical, not approximately equal
     assert all(hits) and timings["cache_misses"] == 0

@@ -147,3 +147,33 @@ def test_async_driver_hears_dense_first_and_sync_driver_works_inside_a_running_l
     a, b = asyncio.run(main())
     assert [h["id"] for h in a.hits] == [h["id"] for h in b.hits]
     assert len(seen) == 1 and [h["id"] for h in seen[0].hits] == ["c0", "c1", "c2"]
+
+
+def test_retrieve_carries_the_query_text_and_the_mode_and_the_strategy_comes_back():
+    from rag.store import SearchHits
+
+    seen: list[Retrieve] = []
+
+    def do(step):
+        if isinstance(step, Retrieve):
+            seen.append(step)
+            return SearchHits(
+                [{**c, "lexical_rank": 1, "fused_score": 1 / (61 + i)} for i, c in enumerate(cands(step.k))],
+                "hybrid(hnsw, bm25)",
+            )
+        return [0.0] if isinstance(step, Embed) else [0.0] * len(step.documents)
+
+    res = run_sync(
+        two_stage(make_request(CFG, "parse a date", rerank=False), reranker_enabled=True, rerank_timeout_s=1),
+        do,
+    )
+    assert seen[0].query == "parse a date" and seen[0].mode == "hybrid"  # RAG_SEARCH_MODE's default
+    assert res.strategy == "hybrid(hnsw, bm25)"
+    # not reranked: the stage-1 order and score (the fused score in the hybrid mode)
+    assert [h["score"] for h in res.hits] == [h["fused_score"] for h in res.candidates[:3]]
+    run_sync(two_stage(make_request(CFG, "q", mode="dense"), reranker_enabled=True, rerank_timeout_s=1), do)
+    assert seen[-1].mode == "dense"
+    dense_default = Settings(fetch_k=6, top_k=3, search_mode="lexical").slice("search")
+    assert make_request(dense_default, "q").mode == "lexical"
+    with pytest.raises(InvalidInput, match="mode must be one of dense, lexical, hybrid"):
+        make_request(CFG, "q", mode="semantic")

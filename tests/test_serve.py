@@ -207,6 +207,40 @@ def test_search_matches_pipeline(live, settings, embedder, store, serve_collecti
             assert {"id", "source", "content", "score", "dense_score"} <= set(h)
 
 
+def test_library_and_service_rerank_identically(live):
+    """The same request through the library's rerank engine (``rag.rerank_engine``, in this process) and the
+    live service (/v2/rerank: ingress, Reranker replica, @serve.batch), with the settings the replica reports
+    it holds: identical scores, best-window spans, windows and usage."""
+    import warnings
+
+    from rag.models import StandInWarning
+    from rag.rerank import make_reranker
+    from rag.rerank_engine import RerankEngine
+    from rag.stages import RerankerConfig
+
+    info = httpx.get(live.url + "/info", timeout=60).json()["stages"]["reranker"]
+    cfg = RerankerConfig.model_validate(info["config"])  # the replica's own settings (no secret is set)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StandInWarning)
+        engine = RerankEngine(make_reranker(cfg), cfg)
+    from rag.ingest import iter_demo
+
+    filler = " ".join(" ".join(d.content for d in iter_demo(limit=120)).split()[:1800])
+    docs = [filler + " The strptime function parses a date string.", "strftime formats dates", "gzip", ""]
+    query = f"how do I parse a date string ({time.time_ns()})"  # new to any cache
+    lib = engine.rerank_sync(query, docs)
+    r = post(live, "/v2/rerank", {"query": query, "documents": docs})
+    assert r.status_code == 200, r.text
+    served = {x["index"]: x for x in r.json()["results"]}
+    assert [served[i]["relevance_score"] for i in range(len(docs))] == lib.scores
+    spans = [(served[i]["span"]["start"], served[i]["span"]["end"]) if "span" in served[i] else None
+             for i in range(len(docs))]  # fmt: skip
+    assert spans == lib.spans and spans[0] is not None  # the long document was split, the same way
+    assert [served[i].get("windows", 1) for i in range(len(docs))] == lib.windows
+    assert int(r.headers["x-rerank-pairs"]) == lib.usage.pairs > len(docs)
+    assert r.json()["meta"]["tokens"]["input_tokens"] == lib.usage.tokens
+
+
 def test_search_without_rerank_is_dense_order(live):
     body = post(live, "/search", {"query": QUERIES[0], "rerank": False}).json()
     assert body["reranker"]["reranked"] is False and body["reranker"]["reason"] == "not_requested"

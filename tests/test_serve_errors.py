@@ -75,8 +75,10 @@ async def _embed_many(texts: list[str]) -> list[np.ndarray]:
     return [np.ones(4, dtype=np.float32) for _ in texts]
 
 
-async def _search(collection: str, vec: Any, k: int) -> list[dict]:
-    return candidates(k)
+async def _search(
+    collection: str, vec: Any, k: int, filter: Any = None, *, query: str | None = None, mode: str = "dense"
+) -> list[dict]:
+    return candidates(k)  # the Retriever's signature; every mode answers the same fake rows
 
 
 async def _rerank(query: str, docs: list[str], deadline_s: float | None = None) -> list[float]:
@@ -86,11 +88,14 @@ async def _rerank(query: str, docs: list[str], deadline_s: float | None = None) 
 def _documents_via(rerank: Any):
     """The rerank routes' call (Reranker.rerank_documents) over a fake ``rerank``: one window per document."""
 
-    async def fn(query: str, docs: list[str], deadline_s: float | None = None, **kw: Any) -> dict:
+    from rag.rerank_engine import RerankResult, RerankTimings, RerankUsage
+
+    async def fn(query: str, docs: list[str], deadline_s: float | None = None, **kw: Any) -> RerankResult:
         scores = await rerank(query, docs, deadline_s=deadline_s)
         n = len(docs)
-        return {"scores": scores, "spans": [None] * n, "windows": [1] * n, "tokens": 3 * n, "pairs": n,
-                "cache_hits": 0, "queue_ms": 1.0, "inference_ms": 2.0, "tokenize_ms": 0.5}  # fmt: skip
+        return RerankResult(
+            scores, [None] * n, [1] * n, RerankUsage(n, 3 * n), RerankTimings(0.5, 1.0, 2.0), 0
+        )
 
     return fn
 
@@ -344,7 +349,7 @@ def test_a_replicas_overloaded_keeps_its_retry_after_through_ray():
 
 
 def test_admission_estimate():
-    from deployments.reranker import admission_wait_s
+    from rag.rerank_schedule import admission_wait_s
 
     assert admission_wait_s(0, 100, 46.0) is None  # idle: always admitted
     assert admission_wait_s(500, 100, None) is None  # nothing measured yet
@@ -455,7 +460,8 @@ def test_cohere_and_tei_shapes():
 
 
 def test_batch_cost_bounds_requests_and_pairs():
-    from deployments.reranker import _batch_cost, _Item
+    from rag.rerank_schedule import Item as _Item
+    from rag.rerank_schedule import batch_cost as _batch_cost
 
     def items(*sizes: int) -> list:
         return [_Item("q", ("d",) * n, request_cap=4, pair_cap=100, enqueued_at=0.0) for n in sizes]
@@ -523,7 +529,7 @@ def test_the_real_cohere_client_sends_its_key_as_bearer():
 
 
 def test_no_keys_means_open_and_the_start_up_line_says_so():
-    from deployments.ingress import auth_line, key_matches
+    from deployments.api.auth import auth_line, key_matches
     from rag.settings import Settings
 
     client, _ = make()

@@ -32,6 +32,13 @@ NON_DEFAULT: dict[str, Any] = {
     "hnsw_ef_construction": 48,
     "hnsw_ef_search_min": 30,
     "hnsw_ef_search_factor": 3.0,
+    "lexical_index": "fts",
+    "text_search_config": "simple",
+    "fusion_rrf_k": 30,
+    "fusion_depth_factor": 3.0,
+    "fusion_depth_min": 20,
+    "fusion_dense_weight": 1.5,
+    "fusion_lexical_weight": 0.5,
     # models
     "offline": True,
     "embedding_model": "all-MiniLM-L6-v2",
@@ -58,6 +65,7 @@ NON_DEFAULT: dict[str, Any] = {
     "rerank_window_overlap": 32,
     "rerank_search_windows": 2,
     "rerank_chunk_pairs": 48,
+    "rerank_chunk_ms": 400.0,
     "rerank_max_request_tokens": 500_000,
     "rerank_cache": False,
     "rerank_cache_entries": 5000,
@@ -69,6 +77,7 @@ NON_DEFAULT: dict[str, Any] = {
     "cohere_max_retries": 1,
     # search
     "fetch_k": 30,
+    "search_mode": "dense",
     "top_k": 5,
     "max_fetch_k": 500,
     "max_query_chars": 2000,
@@ -143,7 +152,7 @@ def reach(store, embedder, db_url, state_dir):
     port = free_port()
     mp = pytest.MonkeyPatch()
     try:
-        for field in SECRETS:
+        for field in SECRETS & values.keys():  # the service's secrets (api_key is the client's)
             mp.setenv(f"RAG_{field.upper()}", values[field])
         with ray_cluster("rag-reach-tests"):
             deploy(cfg, host="127.0.0.1", port=port, timeout_s=600)
@@ -179,7 +188,7 @@ def _expected(name: str, value: Any) -> Any:
     if name in ("cohere_api_key", "api_keys"):
         return "***"
     if name == "database_url":
-        from rag.errors import redact_url
+        from rag.settings import redact_url
 
         return redact_url(value)
     return value

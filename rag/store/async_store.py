@@ -1,7 +1,7 @@
 """``AsyncStore``: search only, for Serve replicas (one ``AsyncConnectionPool`` per replica).
 
-It runs the same search policy as ``Store`` (``rag.store.search.plan_search``) over an async connection,
-on owned collections and attached tables alike.
+It runs ``Store``'s programs (``rag.store.core``) over an async connection: ``adrive`` is ``drive`` with
+``await``, on owned collections and attached tables alike, in every mode.
 """
 
 from __future__ import annotations
@@ -15,13 +15,27 @@ import numpy as np
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from rag.errors import validate_collection_name
-from rag.store.filters import SearchFilter, parse_filter
-from rag.store.schema import REGISTRY_COLUMNS, SERVER_INFO_SQL, server_info_from_row, unavailable
-from rag.store.search import SearchHits, Target, check_k, check_vector, ef_search, plan_search
-from rag.store.tables import BROKEN, missing, table_changed, target_from_row
+from rag.store.core import Program, StoreCore, T
+from rag.store.filters import SearchFilter
+from rag.store.schema import unavailable
+from rag.store.search import SearchHits, Step, Target
 
-__all__ = ["AsyncStore"]
+__all__ = ["AsyncStore", "adrive"]
+
+
+async def adrive(conn: psycopg.AsyncConnection, program: Program[T], step: Step) -> T:
+    """``rag.store.store.drive`` over an async connection."""
+    while True:
+        try:
+            try:
+                cur = await conn.execute(step.query, step.params or None)
+                rows = await cur.fetchall() if step.fetch else None
+            except Exception as e:
+                step = program.throw(e)
+            else:
+                step = program.send(rows)
+        except StopIteration as done:
+            return done.value
 
 
 async def _configure_async(conn: psycopg.AsyncConnection) -> None:
@@ -30,37 +44,13 @@ async def _configure_async(conn: psycopg.AsyncConnection) -> None:
     await register_vector_async(conn)
 
 
-class AsyncStore:
-    """Search-only async store for Serve replicas: one ``AsyncConnectionPool`` per replica."""
+class AsyncStore(StoreCore):
+    """Search-only async store for Serve replicas: one ``AsyncConnectionPool`` per replica; ``open()`` it."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        min_size: int = 1,
-        max_size: int = 8,
-        timeout_s: float = 5.0,
-        ef_search_min: int = 40,
-        ef_search_factor: float = 1.5,
-        filtered_ef_factor: float = 2.0,
-    ) -> None:
-        self.url = url
-        self.timeout_s = timeout_s
-        self.ef_search_min = ef_search_min
-        self.ef_search_factor = ef_search_factor
-        self.filtered_ef_factor = filtered_ef_factor
-        self._targets: dict[str, Target] = {}
-        self._server: dict[str, Any] | None = None
-        self.pool = AsyncConnectionPool(
-            url,
-            min_size=min_size,
-            max_size=max_size,
-            timeout=timeout_s,
-            open=False,
-            configure=_configure_async,
-            kwargs={"connect_timeout": max(1, int(timeout_s))},
-            name="rag-async",
-        )
+    def __init__(self, url: str, **kw: Any) -> None:
+        """``kw``: ``StoreCore``'s (pool sizes, timeout, ef_search rule, fusion)."""
+        super().__init__(url, **kw)
+        self.pool = AsyncConnectionPool(configure=_configure_async, **self.pool_kwargs("rag-async"))
 
     async def open(self) -> None:
         try:
@@ -97,32 +87,33 @@ class AsyncStore:
         except (PoolTimeout, psycopg.OperationalError) as e:
             raise unavailable(self.url, e) from e
 
+    async def run(self, program: Program[T]) -> T:
+        """Run a program in one transaction (none at all when it needs no statement)."""
+        try:
+            step = next(program)
+        except StopIteration as done:
+            return done.value
+        async with self.connection() as conn, conn.transaction():
+            return await adrive(conn, program, step)
+
+    # -- reads (rag.store.core) -----------------------------------------------------------------------
     async def ping(self) -> None:
-        async with self.connection() as conn:
-            await conn.execute("SELECT 1")
+        await self.run(self.ping_program())
 
     async def server_info(self) -> dict[str, Any]:
         """``{"postgresql": "18.6", "pgvector": "0.8.1", "iterative_scan": True}``."""
-        if self._server is None:
-            async with self.connection() as conn:
-                cur = await conn.execute(SERVER_INFO_SQL)
-                self._server = server_info_from_row(await cur.fetchone())  # type: ignore[arg-type]
-        return dict(self._server)
+        return await self.run(self.server_program())
+
+    async def lexical_info(self) -> dict[str, Any]:
+        """``{"lexical": "bm25" | "fts", "pg_textsearch": "1.0.0" | None}``: what the server offers."""
+        return await self.run(self.lexical_program())
+
+    async def dense_only_notices(self) -> list[str]:
+        """One line per attached collection searched dense only (no lexical index)."""
+        return await self.run(self.notices_program())
 
     async def target(self, collection: str) -> Target:
-        t = self._targets.get(collection)
-        if t is not None:
-            return t
-        validate_collection_name(collection)
-        async with self.connection() as conn:
-            cur = await conn.execute(
-                f"SELECT {REGISTRY_COLUMNS} FROM rag_collections WHERE name = %s", [collection]
-            )
-            row = await cur.fetchone()
-        if row is None:
-            raise missing(collection)
-        self._targets[collection] = t = target_from_row(row)
-        return t
+        return await self.run(self.target_program(collection))
 
     async def collection_dim(self, collection: str) -> int:
         return (await self.target(collection)).dim
@@ -134,41 +125,11 @@ class AsyncStore:
         k: int,
         *,
         filter: SearchFilter | Mapping[str, Any] | None = None,
+        exact: bool = False,
+        query: str | None = None,
+        mode: str = "dense",
     ) -> SearchHits:
         """As ``Store.search``: ``k`` rows whenever ``k`` match, ``.strategy`` says which path ran."""
-        check_k(k)
-        filt = parse_filter(filter)
-        t = await self.target(collection)
-        v = check_vector(vector, t.dim, collection)
-        if filt is not None:
-            filt.to_sql(t.columns)
-        iterative = bool((await self.server_info())["iterative_scan"])
-        policy = plan_search(
-            t,
-            v,
-            k,
-            filt,
-            exact=False,
-            ef=ef_search(
-                k,
-                self.ef_search_min,
-                self.ef_search_factor,
-                self.filtered_ef_factor if filt is not None else 1.0,
-            ),
-            iterative=iterative,
+        return await self.run(
+            self.search_program(collection, vector, k, filter=filter, exact=exact, query=query, mode=mode)
         )
-        try:
-            async with self.connection() as conn, conn.transaction():
-                rows: Any = None
-                try:
-                    while True:
-                        step = policy.send(rows)
-                        cur = await conn.execute(step.query, step.params or None)
-                        rows = await cur.fetchall() if step.fetch else None
-                except StopIteration as done:
-                    return done.value
-        except BROKEN as e:
-            if t.kind != "attached":
-                raise
-            self._targets.pop(collection, None)
-            raise table_changed(t, e) from e

@@ -4,7 +4,10 @@ Each collection gets its own pair of tables, ``rag_docs_<name>`` and ``rag_chunk
 HNSW index (``vector_cosine_ops``) and its own vector dimension, recorded in ``rag_collections``. A table per
 collection means HNSW scans only the collection's own rows. Filters get their indexes too: a btree on
 ``source`` (``text_pattern_ops``: equality, IN and prefix), the ``doc_id`` btree and a GIN index on
-``metadata`` (``jsonb_path_ops``: containment).
+``metadata`` (``jsonb_path_ops``: containment). And a lexical index for the lexical and hybrid modes
+(``rag.store.lexical``): BM25 where the server has pg_textsearch, else a generated ``tsvector`` column with a
+GIN index; either is written by PostgreSQL in the same transaction as the chunk rows, so ingest stays one
+transaction per batch, idempotent and safe to kill.
 
 Nothing here ever touches an attached table: every write path first checks the registry's ``kind``.
 """
@@ -21,8 +24,11 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from rag.errors import CollectionError, DimensionMismatch, InvalidInput, validate_collection_name
+from rag.errors import CollectionError, DimensionMismatch, InvalidInput
+from rag.store.lexical import LexicalIndex, owned_lexical_ddl, owned_lexical_index
+from rag.store.schema import lexical_method
 from rag.store.search import Target, owned_target
+from rag.validation import validate_collection_name
 
 __all__ = ["ChunkRow", "DocumentRow", "OwnedCollections", "WriteStats", "attached_refusal", "owned_tables"]
 
@@ -74,6 +80,8 @@ class OwnedCollections:
     _targets: dict[str, Target]
     hnsw_m: int
     hnsw_ef_construction: int
+    lexical_index: str  # auto | bm25 | fts
+    text_search_config: str
 
     def target(self, collection: str) -> Target:  # provided by Store
         raise NotImplementedError
@@ -95,7 +103,7 @@ class OwnedCollections:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('rag_collections'))")
             self._refuse_attached(conn, collection, "be ingested into")
             row = conn.execute(
-                "SELECT dim, embedding_model FROM rag_collections WHERE name = %s", [collection]
+                "SELECT dim, embedding_model, lexical FROM rag_collections WHERE name = %s", [collection]
             ).fetchone()
             if row is not None:
                 if int(row[0]) != dim:
@@ -105,7 +113,7 @@ class OwnedCollections:
                         f"the embedding model produces {dim}: use the same model, another --collection, or "
                         f"drop it first (`rag db drop-collection {collection}`)"
                     )
-                self._targets[collection] = owned_target(collection, dim)
+                self._targets[collection] = owned_target(collection, dim, LexicalIndex.from_json(row[2]))
                 return
             conn.execute(
                 sql.SQL(
@@ -146,12 +154,41 @@ class OwnedCollections:
                     sql.Literal(self.hnsw_ef_construction),
                 )
             )
-            conn.execute(
-                "INSERT INTO rag_collections (name, dim, embedding_model, hnsw_m, hnsw_ef_construction) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                [collection, dim, embedding_model, self.hnsw_m, self.hnsw_ef_construction],
+            lex = owned_lexical_index(
+                collection, lexical_method(conn, self.lexical_index), self.text_search_config
             )
-        self._targets[collection] = owned_target(collection, dim)
+            for stmt in owned_lexical_ddl(collection, lex):
+                conn.execute(stmt)
+            conn.execute(
+                "INSERT INTO rag_collections"
+                " (name, dim, embedding_model, hnsw_m, hnsw_ef_construction, lexical)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    collection,
+                    dim,
+                    embedding_model,
+                    self.hnsw_m,
+                    self.hnsw_ef_construction,
+                    Jsonb(lex.as_json()),
+                ],
+            )
+        self._targets[collection] = owned_target(collection, dim, lex)
+
+    def build_lexical(self, collection: str, method: str) -> LexicalIndex:
+        """Give an owned collection the lexical index ``method`` (bm25, fts) if it lacks it, and search with
+        that one from now on (the other, if any, is left in place). Returns what is recorded."""
+        t = self.target(collection)
+        if t.kind != "owned":
+            raise attached_refusal(collection, t.label, "be given a lexical index")
+        with self.connection() as conn, conn.transaction():
+            lex = owned_lexical_index(collection, lexical_method(conn, method), self.text_search_config)
+            for stmt in owned_lexical_ddl(collection, lex):
+                conn.execute(stmt)
+            conn.execute(
+                "UPDATE rag_collections SET lexical = %s WHERE name = %s", [Jsonb(lex.as_json()), collection]
+            )
+        self._targets.pop(collection, None)
+        return lex
 
     def drop_collection(self, collection: str) -> bool:
         """Drop an owned collection and its tables. An attached one is refused (use ``detach``)."""

@@ -3,35 +3,44 @@
 ``rag_collections`` lists every collection by name, of two kinds: ``owned`` (``rag ingest`` writes its
 ``rag_docs_<name>`` / ``rag_chunks_<name>`` tables) and ``attached`` (a user's existing table, read only;
 its column mapping is the ``attached`` jsonb). Every process that opens the database sees both by name.
+``lexical`` (jsonb, ``rag.store.lexical.LexicalIndex``) is how a collection is searched lexically; NULL:
+dense only. Migration 3 gives every owned collection its lexical index.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
-from rag.errors import StoreUnavailable, redact_url
+from rag.errors import ConfigError, StoreUnavailable
+from rag.settings import redact_url
+from rag.store.lexical import bm25_available, owned_lexical_ddl, owned_lexical_index
 
 __all__ = [
+    "LEXICAL_INFO_SQL",
     "REGISTRY_COLUMNS",
     "SCHEMA_VERSION",
     "SERVER_INFO_SQL",
     "cpu_check",
     "first_line",
+    "lexical_info_from_row",
+    "lexical_method",
     "migrate",
     "reconcile_vector",
     "server_info_from_row",
     "unavailable",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-_MIGRATIONS: dict[int, str] = {
+_MIGRATIONS: dict[int, str | Callable[[psycopg.Connection, str, str], None]] = {
     1: """
     CREATE TABLE IF NOT EXISTS rag_collections (
         name                 text PRIMARY KEY,
@@ -63,8 +72,23 @@ _MIGRATIONS: dict[int, str] = {
     """,
 }
 
+
+def _lexical_for_owned(conn: psycopg.Connection, method: str, config: str) -> None:
+    """Migration 3: the registry's ``lexical`` column; every owned collection gets its lexical index."""
+    conn.execute("ALTER TABLE rag_collections ADD COLUMN IF NOT EXISTS lexical jsonb")
+    for (name,) in conn.execute(
+        "SELECT name FROM rag_collections WHERE kind = 'owned' ORDER BY name"
+    ).fetchall():
+        lex = owned_lexical_index(name, method, config)
+        for stmt in owned_lexical_ddl(name, lex):
+            conn.execute(stmt)
+        conn.execute("UPDATE rag_collections SET lexical = %s WHERE name = %s", [Jsonb(lex.as_json()), name])
+
+
+_MIGRATIONS[3] = _lexical_for_owned
+
 # What a collection lookup reads from the registry (in this order).
-REGISTRY_COLUMNS = "name, kind, dim, embedding_model, attached, created_at"
+REGISTRY_COLUMNS = "name, kind, dim, embedding_model, attached, created_at, lexical"
 
 # One round trip: server version, pgvector's installed version, and whether its library (loaded by the
 # cast) defines hnsw.iterative_scan (pgvector >= 0.8).
@@ -78,6 +102,36 @@ SERVER_INFO_SQL = (
 def server_info_from_row(row: tuple[Any, ...]) -> dict[str, Any]:
     version = str(row[0]).split()[0]  # '18.3 (Debian 18.3-1.pgdg13+1)' -> '18.3'
     return {"postgresql": version, "pgvector": row[1], "iterative_scan": bool(row[2])}
+
+
+# pg_textsearch's version where this database has it (``migrate`` creates it where the server can).
+LEXICAL_INFO_SQL = "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'pg_textsearch')"
+
+
+def lexical_info_from_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    """What lexical search the server offers: ``bm25`` (pg_textsearch) or the built-in ``fts``."""
+    return {"lexical": "bm25" if row[0] else "fts", "pg_textsearch": row[0]}
+
+
+def lexical_method(conn: psycopg.Connection, wanted: str) -> str:
+    """The lexical index new collections get: ``wanted`` (auto, bm25, fts) on this database."""
+    have = bm25_available(conn)
+    if wanted == "bm25" and not have:
+        raise ConfigError(
+            "RAG_LEXICAL_INDEX=bm25 but this PostgreSQL has no pg_textsearch (it must be installed and in "
+            "shared_preload_libraries): set RAG_LEXICAL_INDEX=auto or fts (built-in full-text search)"
+        )
+    return "bm25" if wanted != "fts" and have else "fts"
+
+
+def _create_bm25_extension(conn: psycopg.Connection) -> None:
+    """pg_textsearch where the server ships and preloads it (the embedded one does); elsewhere nothing:
+    lexical search then uses the built-in full-text search."""
+    try:
+        with conn.transaction():
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_textsearch")
+    except psycopg.Error:
+        pass
 
 
 def first_line(err: BaseException) -> str:
@@ -152,9 +206,13 @@ def cpu_check(conn: psycopg.Connection, url: str) -> None:
         ) from e
 
 
-def migrate(url: str, *, timeout_s: float = 5.0) -> int:
-    """Create the pgvector extension, check the server runs its SIMD code on this CPU (``cpu_check``), and
-    apply pending schema migrations. Returns the schema version."""
+def migrate(
+    url: str, *, timeout_s: float = 5.0, lexical_index: str = "auto", text_search_config: str = "english"
+) -> int:
+    """Create the pgvector extension (and pg_textsearch where the server has it), check the server runs its
+    SIMD code on this CPU (``cpu_check``), and apply pending schema migrations; existing owned collections
+    get the lexical index ``lexical_index`` (auto, bm25, fts) with ``text_search_config``. Returns the schema
+    version."""
     try:
         conn = psycopg.connect(url, connect_timeout=max(1, int(timeout_s)), autocommit=True)
     except psycopg.OperationalError as e:
@@ -168,6 +226,8 @@ def migrate(url: str, *, timeout_s: float = 5.0) -> int:
                 "server, or unset RAG_DATABASE_URL to use the embedded PostgreSQL (which has it)"
             ) from e
         cpu_check(conn, url)
+        if lexical_index != "fts":
+            _create_bm25_extension(conn)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('rag_schema'))")
             conn.execute("CREATE TABLE IF NOT EXISTS rag_schema (version integer NOT NULL)")
@@ -179,7 +239,11 @@ def migrate(url: str, *, timeout_s: float = 5.0) -> int:
                     "upgrade rag-serve"
                 )
             for version in range(current + 1, SCHEMA_VERSION + 1):
-                conn.execute(_MIGRATIONS[version])
+                step = _MIGRATIONS[version]
+                if isinstance(step, str):
+                    conn.execute(step)
+                else:
+                    step(conn, lexical_method(conn, lexical_index), text_search_config)
                 conn.execute("INSERT INTO rag_schema (version) VALUES (%s)", [version])
             return SCHEMA_VERSION
 

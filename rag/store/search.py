@@ -2,7 +2,8 @@
 
 One search policy for both stores: ``plan_search`` is a generator that *yields* the statements it needs
 (``Step``) and receives their rows; ``Store`` and ``AsyncStore`` drive it over a sync or async connection.
-Every search runs in one read-only transaction.
+Every search runs in one read-only transaction. ``rag.store.hybrid`` plans the lexical and hybrid modes with
+the same parts (the dense side of a hybrid search follows these strategies too).
 
 Strategies (``SearchHits.strategy``, so callers can report which one ran):
 
@@ -13,7 +14,9 @@ Strategies (``SearchHits.strategy``, so callers can report which one ran):
                     (``hnsw.iterative_scan = relaxed_order``; the rows are re-sorted by distance), which keeps
                     scanning the graph until ``k`` rows pass the filter (or ``hnsw.max_scan_tuples``);
                     ef_search is multiplied by ``filtered_ef_factor`` (default 2) for the recall it loses
-``exact``           an exact scan: asked for (``exact=True``); what the planner chose because the filter
+``exact``           an exact scan (the query behind an ``OFFSET 0`` fence, so the planner cannot order it by
+                    the ANN index: filters still use their indexes): asked for (``exact=True``); what the
+                    planner chose because the filter
                     is selective enough to make it cheaper (a btree / GIN index scan of the matching rows,
                     then a top-k sort); or a filtered query for which the planner estimates at most
                     ``EXACT_ROWS_PER_K`` (120) x k matching rows, where the iterative scan costs about as
@@ -39,8 +42,10 @@ from typing import Any
 import numpy as np
 from psycopg import sql
 
-from rag.errors import DimensionMismatch, InvalidInput, validate_collection_name
+from rag.errors import DimensionMismatch, InvalidInput
 from rag.store.filters import SearchFilter
+from rag.store.lexical import LexicalIndex
+from rag.validation import validate_collection_name
 
 __all__ = [
     "DISTANCES",
@@ -52,10 +57,16 @@ __all__ = [
     "ann_scan_rows",
     "check_k",
     "check_vector",
+    "dense_select",
     "ef_search",
+    "hits_from_rows",
+    "index_scanned",
     "owned_target",
     "plan_search",
+    "row_columns",
+    "settings_step",
     "uses_ann_index",
+    "where",
 ]
 
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
@@ -102,14 +113,22 @@ class Target:
     columns: Mapping[str, sql.Composable]
     not_null: bool = True  # the embedding column is NOT NULL (else NULL rows are filtered out)
     info: Mapping[str, Any] = field(default_factory=dict)
+    lexical: LexicalIndex | None = None  # None: dense only
 
 
-def owned_target(name: str, dim: int) -> Target:
+def owned_target(name: str, dim: int, lexical: LexicalIndex | None = None) -> Target:
     validate_collection_name(name)
     cols = {c: sql.Identifier(c) for c in ("id", "doc_id", "source", "chunk_index", "content", "metadata")}
     cols["embedding"] = sql.Identifier("embedding")
     return Target(
-        name, "owned", sql.Identifier(f"rag_chunks_{name}"), f"rag_chunks_{name}", dim, "cosine", cols
+        name,
+        "owned",
+        sql.Identifier(f"rag_chunks_{name}"),
+        f"rag_chunks_{name}",
+        dim,
+        "cosine",
+        cols,
+        lexical=lexical,
     )
 
 
@@ -142,37 +161,58 @@ def check_vector(vec: np.ndarray, dim: int, collection: str) -> np.ndarray:
     return v
 
 
-def _select(t: Target, filt: SearchFilter | None) -> tuple[sql.Composable, list[Any]]:
-    """``SELECT id, doc_id, source, chunk_index, content, metadata, distance ... LIMIT %s`` and its params
-    without the query vector and k: ``[vector, *filter params, k]`` is the full list."""
+def row_columns(t: Target) -> sql.Composable:
+    """``id, doc_id, source, chunk_index, content, metadata`` of a hit, then ``{embedding} {op} %s AS
+    distance`` (the query vector is its one parameter)."""
     c = t.columns
-    op = sql.SQL(DISTANCES[t.distance][0])
-    meta = c.get("metadata", sql.SQL("'{}'::jsonb"))
-    conds: list[sql.Composable] = []
-    params: list[Any] = []
-    if not t.not_null:
-        conds.append(sql.SQL("{} IS NOT NULL").format(c["embedding"]))
-    if filt is not None:
-        cond, params = filt.to_sql(c)
-        conds.append(cond)
-    where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
-    q = sql.SQL(
-        "SELECT {id} AS id, {doc_id} AS doc_id, coalesce({source}, '') AS source,"
-        " {chunk_index} AS chunk_index, coalesce({content}, '') AS content, {meta} AS metadata,"
-        " {emb} {op} %s AS distance FROM {table}{where} ORDER BY distance LIMIT %s"
+    return sql.SQL(
+        "{id} AS id, {doc_id} AS doc_id, coalesce({source}, '') AS source, {chunk_index} AS chunk_index,"
+        " coalesce({content}, '') AS content, {meta} AS metadata, {emb} {op} %s AS distance"
     ).format(
         id=c["id"],
         doc_id=c["doc_id"],
         source=c["source"],
         chunk_index=c["chunk_index"],
         content=c["content"],
-        meta=meta,
+        meta=c.get("metadata", sql.SQL("'{}'::jsonb")),
         emb=c["embedding"],
-        op=op,
-        table=t.table,
-        where=where,
+        op=sql.SQL(DISTANCES[t.distance][0]),
     )
-    return q, params
+
+
+def where(
+    t: Target,
+    filt: SearchFilter | None,
+    *,
+    dense: bool = True,
+    extra: tuple[sql.Composable, list[Any]] | None = None,
+) -> tuple[sql.Composable, list[Any]]:
+    """`` WHERE ...`` (or nothing) for ``filt`` and an ``extra`` condition, and their parameters;
+    ``dense``: rows need an embedding."""
+    conds: list[sql.Composable] = []
+    params: list[Any] = []
+    if dense and not t.not_null:
+        conds.append(sql.SQL("{} IS NOT NULL").format(t.columns["embedding"]))
+    if filt is not None:
+        cond, params = filt.to_sql(t.columns)
+        conds.append(cond)
+    if extra is not None:
+        conds.append(extra[0])
+        params = [*params, *extra[1]]
+    return (sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")), params
+
+
+def dense_select(
+    t: Target, filt: SearchFilter | None, *, exact: bool = False
+) -> tuple[sql.Composable, list[Any]]:
+    """The dense query, ``... ORDER BY distance LIMIT %s``, and its parameters without the vector and the
+    limit: ``[vector, *params, k]`` is the full list. ``exact``: behind an ``OFFSET 0`` fence, which keeps the
+    planner from ordering by the ANN index (an exact top-k; filters still use their own indexes)."""
+    cond, params = where(t, filt)
+    inner = sql.SQL("SELECT {} FROM {}{}").format(row_columns(t), t.table, cond)
+    if exact:
+        inner = sql.SQL("SELECT * FROM ({} OFFSET 0) AS fenced").format(inner)
+    return inner + sql.SQL(" ORDER BY distance LIMIT %s"), params
 
 
 def _resorted(inner: sql.Composable) -> sql.Composable:
@@ -180,19 +220,38 @@ def _resorted(inner: sql.Composable) -> sql.Composable:
     return sql.SQL("WITH hits AS MATERIALIZED ({}) SELECT * FROM hits ORDER BY distance, 1").format(inner)
 
 
-def ann_scan_rows(plan: Any) -> float | None:
+def ann_scan_rows(plan: Any, skip_index: str | None = None) -> float | None:
     """In an ``EXPLAIN (FORMAT JSON)`` plan, the estimated rows of the index scan ordered by a distance
-    (HNSW/IVF), i.e. how many rows the planner thinks pass the filter; None when no such scan is planned."""
+    (HNSW/IVF), i.e. how many rows the planner thinks pass the filter; None when no such scan is planned.
+    ``skip_index``: an ordered index scan that is not the ANN one (a hybrid plan's BM25 scan)."""
     stack = [plan]
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            if "Index" in str(node.get("Node Type", "")) and node.get("Order By"):
+            if (
+                "Index" in str(node.get("Node Type", ""))
+                and node.get("Order By")
+                and (skip_index is None or node.get("Index Name") != skip_index)
+            ):
                 return float(node.get("Plan Rows", 0.0))
             stack.extend(v for v in node.values() if isinstance(v, list | dict))
     return None
+
+
+def index_scanned(plan: Any, index: str) -> bool:
+    """Whether an ``EXPLAIN (FORMAT JSON)`` plan scans the index named ``index``."""
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get("Index Name") == index and "Index" in str(node.get("Node Type", "")):
+                return True
+            stack.extend(v for v in node.values() if isinstance(v, list | dict))
+    return False
 
 
 def uses_ann_index(plan: Any) -> bool:
@@ -200,30 +259,49 @@ def uses_ann_index(plan: Any) -> bool:
     return ann_scan_rows(plan) is not None
 
 
-def _hits(t: Target, rows: Sequence[Sequence[Any]], strategy: str) -> SearchHits:
+def hits_from_rows(t: Target, rows: Sequence[Sequence[Any]], strategy: str) -> SearchHits:
+    """Hit dicts from ``id, doc_id, source, chunk_index, content, metadata, distance`` rows; a lexical or
+    hybrid row adds ``lexical_rank`` and ``fused_score`` (see ``rag.store.hybrid``). ``dense_score`` is None
+    for a row without an embedding (an attached table's NULL), found by the lexical side."""
     if t.distance == "cosine":
 
-        def score(d: float) -> float:
-            return 1.0 - d
+        def score(d: float | None) -> float | None:
+            return None if d is None else 1.0 - float(d)
     else:
 
-        def score(d: float) -> float:
-            return -d
+        def score(d: float | None) -> float | None:
+            return None if d is None else -float(d)
 
-    return SearchHits(
-        (
-            {
-                "id": r[0],
-                "doc_id": r[1],
-                "source": r[2],
-                "chunk_index": r[3],
-                "content": r[4],
-                "metadata": r[5] or {},
-                "dense_score": score(float(r[6])),
-            }
-            for r in rows
-        ),
-        strategy,
+    def hit(r: Sequence[Any]) -> dict[str, Any]:
+        h = {
+            "id": r[0],
+            "doc_id": r[1],
+            "source": r[2],
+            "chunk_index": r[3],
+            "content": r[4],
+            "metadata": r[5] or {},
+            "dense_score": score(r[6]),
+        }
+        if len(r) > 7:
+            h["lexical_rank"] = None if r[7] is None else int(r[7])
+            h["fused_score"] = float(r[8])
+        return h
+
+    return SearchHits((hit(r) for r in rows), strategy)
+
+
+def settings_step(ef: int, *, filtered: bool, iterative: bool) -> Step:
+    """``set_config`` for this transaction: ef_search, custom plans, the iterative scan when filtered."""
+    if filtered and not iterative:
+        ef = MAX_EF_SEARCH  # post-filtering: as many candidates as pgvector allows
+    settings = [("hnsw.ef_search", str(ef)), ("plan_cache_mode", "force_custom_plan")]
+    if filtered and iterative:
+        settings.append(("hnsw.iterative_scan", "relaxed_order"))
+    return Step(
+        sql.SQL("SELECT ")
+        + sql.SQL(", ").join(
+            sql.SQL("set_config({}, {}, true)").format(sql.Literal(n), sql.Literal(v)) for n, v in settings
+        )
     )
 
 
@@ -238,39 +316,29 @@ def plan_search(
     iterative: bool,
     exact_rows_per_k: float = EXACT_ROWS_PER_K,
 ) -> Generator[Step, Any, SearchHits]:
-    """The search policy (see the module docstring); send each step's rows (``None`` for non-fetching)."""
-    query, fparams = _select(t, filt)
+    """The dense policy (see the module docstring), inside a read-only transaction the caller began; send
+    each step's rows (``None`` for non-fetching)."""
+    query, fparams = dense_select(t, filt)
+    exact_query, _ = dense_select(t, filt, exact=True)
     params = [vector, *fparams, k]
-    yield Step("SET TRANSACTION READ ONLY", fetch=False)
-    if filt is not None and not iterative:
-        ef = MAX_EF_SEARCH  # post-filtering: as many candidates as pgvector allows
-    settings = [("hnsw.ef_search", str(ef)), ("plan_cache_mode", "force_custom_plan")]
-    if filt is not None and iterative:
-        settings.append(("hnsw.iterative_scan", "relaxed_order"))
-    set_sql = sql.SQL("SELECT ") + sql.SQL(", ").join(
-        sql.SQL("set_config({}, {}, true)").format(sql.Literal(n), sql.Literal(v)) for n, v in settings
-    )
-    yield Step(set_sql)
+    yield settings_step(ef, filtered=filt is not None, iterative=iterative)
     if exact:
-        yield Step("SET LOCAL enable_indexscan = off", fetch=False)
-        rows = yield Step(query, params)
-        return _hits(t, rows, "exact")
+        rows = yield Step(exact_query, params)
+        return hits_from_rows(t, rows, "exact")
     full = _resorted(query) if iterative and filt is not None else query
     plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + full, params)
     estimate = ann_scan_rows(plan[0][0] if plan else None)
     if estimate is None:
         rows = yield Step(full, params)
-        return _hits(t, rows, "exact")  # the planner chose an exact scan: complete by construction
+        return hits_from_rows(t, rows, "exact")  # the planner chose an exact scan: complete by construction
     if filt is not None and estimate <= exact_rows_per_k * k:
         # few enough matching rows (the planner's estimate) that an exact scan costs about what the
         # iterative scan does, at full recall (docs/BENCHMARKS.md, filtered search)
-        yield Step("SET LOCAL enable_indexscan = off", fetch=False)
-        rows = yield Step(query, params)
-        return _hits(t, rows, "exact")
+        rows = yield Step(exact_query, params)
+        return hits_from_rows(t, rows, "exact")
     rows = yield Step(full, params)
     strategy = "hnsw+iterative" if iterative and filt is not None else "hnsw"
     if len(rows) >= k:
-        return _hits(t, rows, strategy)
-    yield Step("SET LOCAL enable_indexscan = off", fetch=False)
-    rows = yield Step(query, params)
-    return _hits(t, rows, strategy + "->exact")
+        return hits_from_rows(t, rows, strategy)
+    rows = yield Step(exact_query, params)
+    return hits_from_rows(t, rows, strategy + "->exact")

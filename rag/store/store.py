@@ -1,4 +1,8 @@
-"""``Store``: the synchronous store over a psycopg pool: owned collections, attached tables, dense search."""
+"""``Store``: the synchronous store over a psycopg pool: owned collections, attached tables, search.
+
+Its reads are ``rag.store.core`` programs run by ``drive``; ``AsyncStore`` runs the same programs with
+``await``. What is here is the I/O: the pool, connections, the driver, and the writes (ingest, attach).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,39 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from rag.errors import validate_collection_name
+from rag.store.attached import AttachedTables
 from rag.store.collections import OwnedCollections
-from rag.store.filters import SearchFilter, parse_filter
-from rag.store.schema import REGISTRY_COLUMNS, SERVER_INFO_SQL, migrate, server_info_from_row, unavailable
-from rag.store.search import SearchHits, Target, check_k, check_vector, ef_search, plan_search
-from rag.store.tables import BROKEN, AttachedTables, missing, table_changed, target_from_row
+from rag.store.core import Program, StoreCore, T
+from rag.store.filters import SearchFilter
+from rag.store.hybrid import Fusion
+from rag.store.schema import REGISTRY_COLUMNS, migrate, unavailable
+from rag.store.search import SearchHits, Step, Target
+from rag.store.tables import BROKEN, table_changed, target_from_row
 
-__all__ = ["Store"]
+__all__ = ["Store", "drive"]
 
 
-class Store(OwnedCollections, AttachedTables):
-    """Synchronous store over a psycopg connection pool (``configure=register_vector``)."""
+def drive(conn: psycopg.Connection, program: Program[T], step: Step) -> T:
+    """Run ``program`` from its first ``step`` on ``conn``: each statement's rows are sent back in, each
+    error is thrown in (a program may answer it); returns the program's value."""
+    while True:
+        try:
+            try:
+                cur = conn.execute(step.query, step.params or None)
+                rows = cur.fetchall() if step.fetch else None
+            except Exception as e:
+                step = program.throw(e)
+            else:
+                step = program.send(rows)
+        except StopIteration as done:
+            return done.value
+
+
+class Store(StoreCore, OwnedCollections, AttachedTables):
+    """Synchronous store over a psycopg connection pool (``configure=register_vector``).
+
+    The constructor applies the schema migrations (``migrate``) and opens the pool; ``lexical_index`` and
+    ``text_search_config`` are what new owned collections (and migrated ones) get."""
 
     def __init__(
         self,
@@ -36,28 +61,28 @@ class Store(OwnedCollections, AttachedTables):
         filtered_ef_factor: float = 2.0,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
+        lexical_index: str = "auto",
+        text_search_config: str = "english",
+        fusion: Fusion | None = None,
     ) -> None:
         from pgvector.psycopg import register_vector
 
-        self.url = url
-        self.ef_search_min = ef_search_min
-        self.ef_search_factor = ef_search_factor
-        self.filtered_ef_factor = filtered_ef_factor
-        self.hnsw_m = hnsw_m
-        self.hnsw_ef_construction = hnsw_ef_construction
-        self._targets: dict[str, Target] = {}
-        self._server: dict[str, Any] | None = None
-        migrate(url, timeout_s=timeout_s)
-        self.pool = ConnectionPool(
+        super().__init__(
             url,
             min_size=min_size,
             max_size=max_size,
-            timeout=timeout_s,
-            configure=register_vector,
-            kwargs={"connect_timeout": max(1, int(timeout_s))},
-            open=False,
-            name="rag-store",
+            timeout_s=timeout_s,
+            ef_search_min=ef_search_min,
+            ef_search_factor=ef_search_factor,
+            filtered_ef_factor=filtered_ef_factor,
+            fusion=fusion,
         )
+        self.hnsw_m = hnsw_m
+        self.hnsw_ef_construction = hnsw_ef_construction
+        self.lexical_index = lexical_index
+        self.text_search_config = text_search_config
+        migrate(url, timeout_s=timeout_s, lexical_index=lexical_index, text_search_config=text_search_config)
+        self.pool = ConnectionPool(configure=register_vector, **self.pool_kwargs("rag-store"))
         try:
             self.pool.open(wait=True, timeout=timeout_s)
         except PoolTimeout as e:
@@ -72,6 +97,15 @@ class Store(OwnedCollections, AttachedTables):
         except (PoolTimeout, psycopg.OperationalError) as e:
             raise unavailable(self.url, e) from e
 
+    def run(self, program: Program[T]) -> T:
+        """Run a program in one transaction (none at all when it needs no statement)."""
+        try:
+            step = next(program)
+        except StopIteration as done:
+            return done.value
+        with self.connection() as conn, conn.transaction():
+            return drive(conn, program, step)
+
     def close(self) -> None:
         self.pool.close()
 
@@ -85,78 +119,27 @@ class Store(OwnedCollections, AttachedTables):
         """psycopg_pool's ``get_stats()``: ready-made gauges (pool_size, pool_available, ...)."""
         return dict(self.pool.get_stats())
 
+    # -- reads (rag.store.core) -----------------------------------------------------------------------
     def server_info(self) -> dict[str, Any]:
         """``{"postgresql": "18.6", "pgvector": "0.8.1", "iterative_scan": True}``."""
-        if self._server is None:
-            with self.connection() as conn:
-                self._server = server_info_from_row(conn.execute(SERVER_INFO_SQL).fetchone())
-        return dict(self._server)
+        return self.run(self.server_program())
 
-    # -- collections -------------------------------------------------------------------------------
+    def lexical_info(self) -> dict[str, Any]:
+        """``{"lexical": "bm25" | "fts", "pg_textsearch": "1.0.0" | None}``: what the server offers."""
+        return self.run(self.lexical_program())
+
+    def dense_only_notices(self) -> list[str]:
+        """One line per attached collection searched dense only (no lexical index): say them at start-up."""
+        return self.run(self.notices_program())
+
     def target(self, collection: str) -> Target:
         """Where ``collection`` lives (owned or attached); CollectionError if it does not exist."""
-        t = self._targets.get(collection)
-        if t is not None:
-            return t
-        validate_collection_name(collection)
-        with self.connection() as conn:
-            row = conn.execute(
-                f"SELECT {REGISTRY_COLUMNS} FROM rag_collections WHERE name = %s", [collection]
-            ).fetchone()
-        if row is None:
-            raise missing(collection)
-        self._targets[collection] = t = target_from_row(row)
-        return t
+        return self.run(self.target_program(collection))
 
     def collection_dim(self, collection: str) -> int:
         """The collection's vector dimension (for an attached table, its embedding column's);
         CollectionError if it does not exist."""
         return self.target(collection).dim
-
-    def collections(self) -> list[dict[str, Any]]:
-        """Every collection, owned and attached (``kind``), with its size."""
-        with self.connection() as conn:
-            rows = conn.execute(f"SELECT {REGISTRY_COLUMNS} FROM rag_collections ORDER BY name").fetchall()
-            out = []
-            for row in rows:
-                t = target_from_row(row)
-                try:
-                    with conn.transaction():  # a savepoint: an attached table may have gone
-                        n_chunks = conn.execute(
-                            sql.SQL("SELECT count(*) FROM {}").format(t.table)
-                        ).fetchone()[0]
-                except BROKEN as e:
-                    if t.kind != "attached":
-                        raise
-                    n_chunks = None
-                    entry_error = str(table_changed(t, e))
-                else:
-                    entry_error = None
-                entry: dict[str, Any] = {
-                    "name": t.name,
-                    "kind": t.kind,
-                    "dim": t.dim,
-                    "embedding_model": row[3],
-                    "chunks": n_chunks,
-                    "created_at": row[5].isoformat(),
-                }
-                if t.kind == "owned":
-                    docs = sql.Identifier(f"rag_docs_{t.name}")
-                    entry["documents"] = conn.execute(
-                        sql.SQL("SELECT count(*) FROM {}").format(docs)
-                    ).fetchone()[0]
-                else:
-                    entry.update(
-                        documents=n_chunks, table=t.label, distance=t.distance, columns=t.info["columns"]
-                    )
-                    if entry_error:
-                        entry["error"] = entry_error
-                out.append(entry)
-            return out
-
-    # -- search ----------------------------------------------------------------------------------
-    def _iterative(self) -> bool:
-        return bool(self.server_info()["iterative_scan"])
 
     def search(
         self,
@@ -166,41 +149,48 @@ class Store(OwnedCollections, AttachedTables):
         *,
         filter: SearchFilter | Mapping[str, Any] | None = None,
         exact: bool = False,
+        query: str | None = None,
+        mode: str = "dense",
     ) -> SearchHits:
-        """The ``k`` nearest rows (fewer only when fewer match ``filter``), best first, with
-        ``dense_score`` (cosine: ``1 - distance``); ``.strategy`` says which path ran."""
-        check_k(k)
-        filt = parse_filter(filter)
-        t = self.target(collection)
-        v = check_vector(vector, t.dim, collection)
-        if filt is not None:
-            filt.to_sql(t.columns)  # a metadata filter on a table without metadata fails here, not in SQL
-        policy = plan_search(
-            t,
-            v,
-            k,
-            filt,
-            exact=exact,
-            ef=ef_search(
-                k,
-                self.ef_search_min,
-                self.ef_search_factor,
-                self.filtered_ef_factor if filt is not None else 1.0,
-            ),
-            iterative=self._iterative(),
+        """The ``k`` best rows (fewer only when fewer match ``filter``), best first, with ``dense_score``
+        (cosine: ``1 - distance``); ``mode`` dense, lexical or hybrid (``query``: the text); ``.strategy``
+        says which path ran."""
+        return self.run(
+            self.search_program(collection, vector, k, filter=filter, exact=exact, query=query, mode=mode)
         )
+
+    def collections(self) -> list[dict[str, Any]]:
+        """Every collection, owned and attached (``kind``), with its size and lexical index."""
+        with self.connection() as conn:
+            rows = conn.execute(f"SELECT {REGISTRY_COLUMNS} FROM rag_collections ORDER BY name").fetchall()
+            return [self._describe(conn, row) for row in rows]
+
+    def _describe(self, conn: psycopg.Connection, row: tuple[Any, ...]) -> dict[str, Any]:
+        t = target_from_row(row)
         try:
-            with self.connection() as conn, conn.transaction():
-                rows: Any = None
-                try:
-                    while True:
-                        step = policy.send(rows)
-                        cur = conn.execute(step.query, step.params or None)
-                        rows = cur.fetchall() if step.fetch else None
-                except StopIteration as done:
-                    return done.value
+            with conn.transaction():  # a savepoint: an attached table may have gone
+                n_chunks = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t.table)).fetchone()[0]
         except BROKEN as e:
             if t.kind != "attached":
                 raise
-            self._targets.pop(collection, None)
-            raise table_changed(t, e) from e
+            n_chunks = None
+            entry_error = str(table_changed(t, e))
+        else:
+            entry_error = None
+        entry: dict[str, Any] = {
+            "name": t.name,
+            "kind": t.kind,
+            "dim": t.dim,
+            "embedding_model": row[3],
+            "chunks": n_chunks,
+            "created_at": row[5].isoformat(),
+            "lexical": t.lexical.method if t.lexical else None,
+        }
+        if t.kind == "owned":
+            docs = sql.Identifier(f"rag_docs_{t.name}")
+            entry["documents"] = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(docs)).fetchone()[0]
+        else:
+            entry.update(documents=n_chunks, table=t.label, distance=t.distance, columns=t.info["columns"])
+            if entry_error:
+                entry["error"] = entry_error
+        return entry

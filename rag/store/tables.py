@@ -6,6 +6,10 @@ embedding column's HNSW index (its operator class), validates, and records the m
 ``rag_collections`` (kind ``attached``), where every process finds it by collection name. Searches of an
 attached table run in read-only transactions; nothing here writes to it (only to ``rag_collections``).
 
+Lexical search (``rag.store.lexical``): a BM25 index or a ``tsvector`` column of the table is found at attach
+(or named with ``--lexical-column``) and recorded; without one the collection is searched dense only, which
+attach and start-up say in one line (``AttachReport.notices``, ``Store.dense_only_notices``).
+
 Hit keys of an attached table: ``doc_id`` is the ``doc_id`` column, else the id as text; ``chunk_index`` is 0;
 ``metadata`` is ``{}`` without a metadata column; ``dense_score`` is ``1 - distance`` for cosine and
 ``-distance`` for L2 and inner product (for ``ip`` that is the inner product itself).
@@ -24,12 +28,22 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
-from rag.errors import CollectionError, ConfigError, validate_collection_name
+from rag.errors import CollectionError, ConfigError
+from rag.store.lexical import LexicalIndex, detect
 from rag.store.search import DISTANCES, Target, owned_target
+from rag.validation import validate_collection_name
 
-__all__ = ["BROKEN", "ROLES", "AttachReport", "inspect_table", "table_changed", "target_from_row"]
+__all__ = [
+    "BROKEN",
+    "ROLES",
+    "AttachReport",
+    "dense_only_notice",
+    "inspect_table",
+    "missing",
+    "table_changed",
+    "target_from_row",
+]
 
 ROLES = ("id", "content", "source", "embedding", "metadata", "doc_id")  # the last two are optional
 _TEXT_TYPES = {"text", "varchar", "bpchar", "name"}
@@ -49,6 +63,8 @@ class AttachReport:
     rows: int
     index: str | None  # the HNSW index searches use, if any
     warnings: list[str] = field(default_factory=list)
+    lexical: dict[str, Any] | None = None  # LexicalIndex.as_json(): how lexical and hybrid modes search it
+    notices: list[str] = field(default_factory=list)  # e.g. no lexical index: dense only
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +111,8 @@ def inspect_table(
     *,
     distance: str | None,
     embed_dim: int | None,
+    lexical_column: str | None = None,
+    text_search_config: str = "english",
 ) -> tuple[AttachReport, dict[str, Any]]:
     """Validate an attachment; return the report and the registry's ``attached`` jsonb. Reads only."""
     validate_collection_name(name)
@@ -187,6 +205,21 @@ def inspect_table(
     )
     if rows == 0:
         warnings.append(f"attached collection {name!r}: {label} has no rows yet")
+    found = detect(
+        conn,
+        oid=oid,
+        schema=schema,
+        label=label,
+        columns={c: (v[0], v[4]) for c, v in cols.items()},
+        content_column=str(columns["content"]),
+        lexical_column=lexical_column,
+        default_config=text_search_config,
+    )
+    if found.problem:
+        raise _fail(name, found.problem)
+    if found.warning:
+        warnings.append(f"attached collection {name!r}: {found.warning}")
+    notices = [dense_only_notice(name, label, found.notice)] if found.notice else []
     mapping = {role: columns.get(role) for role in ROLES}
     types = {role: cols[c][0] for role, c in mapping.items() if c is not None}
     spec = {
@@ -198,7 +231,12 @@ def inspect_table(
         "distance_from": distance_from,
         "not_null": not_null,
     }
-    report = AttachReport(name, label, mapping, distance, distance_from, typmod, rows, index, warnings)
+    lexical = found.lexical.as_json() if found.lexical else None
+    if lexical_column is not None:
+        spec["lexical_column"] = lexical_column
+    report = AttachReport(
+        name, label, mapping, distance, distance_from, typmod, rows, index, warnings, lexical, notices
+    )
     return report, spec
 
 
@@ -212,9 +250,10 @@ def create_index_sql(conn: psycopg.Connection, schema: str, table: str, column: 
 
 def target_from_row(row: tuple[Any, ...]) -> Target:
     """A ``Target`` from a registry row (``schema.REGISTRY_COLUMNS``): owned or attached."""
-    name, kind, dim, _model, attached, _created = row
+    name, kind, dim, _model, attached, _created, lexical = row
+    lex = LexicalIndex.from_json(lexical)
     if kind != "attached":
-        return owned_target(name, int(dim))
+        return owned_target(name, int(dim), lex)
     a = attached
     types = a["types"]
 
@@ -243,6 +282,7 @@ def target_from_row(row: tuple[Any, ...]) -> Target:
         columns,
         not_null=bool(a.get("not_null", True)),
         info=a,
+        lexical=lex,
     )
 
 
@@ -252,6 +292,7 @@ BROKEN = (
     psycopg.errors.UndefinedColumn,
     psycopg.errors.InsufficientPrivilege,
     psycopg.errors.DataException,
+    psycopg.errors.UndefinedObject,  # its BM25 index was dropped
 )
 
 
@@ -264,98 +305,18 @@ def table_changed(t: Target, err: BaseException) -> ConfigError:
     )
 
 
+def dense_only_notice(name: str, label: str, why: str | None = None) -> str:
+    """The one line that says an attached collection is searched dense only."""
+    return f"attached collection {name!r}: " + (
+        why
+        or f"{label} has no lexical index recorded, so it is searched dense only (attach it again to find "
+        "a BM25 index or tsvector column, or name one with --lexical-column)"
+    )
+
+
 def missing(collection: str) -> CollectionError:
     return CollectionError(
         f"collection {collection!r} does not exist: ingest into it first "
         f"(`rag ingest --collection {collection} PATH` or `rag ingest --demo`), or attach an existing table "
         f"(`rag attach {collection} --table TABLE`)"
     )
-
-
-class AttachedTables:
-    """Mixin of ``Store``: attach, detach, re-validate attached tables (writes ``rag_collections`` only)."""
-
-    connection: Any  # Callable[[], AbstractContextManager[psycopg.Connection]]
-    _targets: dict[str, Target]
-
-    def attach(
-        self,
-        name: str,
-        table: str,
-        *,
-        id_column: str = "id",
-        content_column: str = "content",
-        source_column: str = "source",
-        embedding_column: str = "embedding",
-        metadata_column: str | None = None,
-        doc_id_column: str | None = None,
-        distance: str | None = None,
-        embed_dim: int | None = None,
-    ) -> AttachReport:
-        """Validate ``table`` and record it as collection ``name`` (re-attaching replaces the mapping).
-
-        ``distance`` (cosine, l2, ip) defaults to the HNSW index's; ``embed_dim`` is the embedder's
-        dimension, checked against the embedding column's. Raises ``ConfigError`` naming the fix."""
-        columns = {
-            "id": id_column,
-            "content": content_column,
-            "source": source_column,
-            "embedding": embedding_column,
-            "metadata": metadata_column,
-            "doc_id": doc_id_column,
-        }
-        with self.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('rag_collections'))")
-            row = conn.execute("SELECT kind FROM rag_collections WHERE name = %s", [name]).fetchone()
-            if row is not None and row[0] != "attached":
-                raise _fail(
-                    name,
-                    f"{name!r} is already an owned collection (made by `rag ingest`): attach the table "
-                    "under another name",
-                )
-            report, spec = inspect_table(conn, name, table, columns, distance=distance, embed_dim=embed_dim)
-            conn.execute(
-                "INSERT INTO rag_collections (name, kind, dim, attached) VALUES (%s, 'attached', %s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET dim = EXCLUDED.dim, attached = EXCLUDED.attached",
-                [name, report.dim, Jsonb(spec)],
-            )
-        self._targets.pop(name, None)
-        return report
-
-    def detach(self, name: str) -> bool:
-        """Forget attached collection ``name`` (the table is not touched). False if it was not attached."""
-        validate_collection_name(name)
-        with self.connection() as conn, conn.transaction():
-            row = conn.execute("SELECT kind FROM rag_collections WHERE name = %s", [name]).fetchone()
-            if row is not None and row[0] != "attached":
-                raise CollectionError(
-                    f"collection {name!r} is owned, not attached: delete it with "
-                    f"`rag db drop-collection {name}` if that is what you want"
-                )
-            cur = conn.execute("DELETE FROM rag_collections WHERE name = %s AND kind = 'attached'", [name])
-        self._targets.pop(name, None)
-        return cur.rowcount > 0
-
-    def validate_attached(self, embed_dim: int) -> list[str]:
-        """Re-validate every attached collection against the database and the embedder's dimension.
-
-        Raises ``ConfigError`` (one line naming the fix) on the first hard error; returns the warnings
-        (e.g. no HNSW index, with the ``CREATE INDEX`` to run). Call it at service start-up."""
-        warnings: list[str] = []
-        with self.connection() as conn, conn.transaction():
-            conn.execute("SET TRANSACTION READ ONLY")
-            rows = conn.execute(
-                "SELECT name, attached FROM rag_collections WHERE kind = 'attached' ORDER BY name"
-            ).fetchall()
-            for name, a in rows:
-                report, _ = inspect_table(
-                    conn,
-                    name,
-                    f"{a['schema']}.{a['table']}",
-                    a["columns"],
-                    distance=a["distance"],
-                    embed_dim=embed_dim,
-                )
-                warnings.extend(report.warnings)
-        self._targets.clear()
-        return warnings

@@ -1,0 +1,5 @@
+"""``python -m ragcli``: the ``rag`` command."""
+
+from ragcli import main
+
+main()
