@@ -11,7 +11,7 @@ export RAG_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: help setup run serve ingest-demo query test test-fast test-serve test-chaos lint format eval \
+.PHONY: help setup run serve ingest-demo query test test-fast test-serve test-chaos test-multinode lint format eval \
         bench-rerank bench-store bench-serve bench-ingest monitor k8s db-start db-stop clean
 
 help: ## Show this help
@@ -41,17 +41,20 @@ ingest-demo: setup ## Index the Python stdlib docstrings into the default collec
 query: setup ## Ask a sample question from the command line (Q="...")
 	$(BIN)/rag query "$(or $(Q),how do I parse a date string into a datetime)"
 
-test: setup ## Set up and run all tests: default tier + Serve tier (slow and gpu excluded)
+test: setup ## Set up and run all tests: default, Serve and multinode tiers (slow and gpu excluded)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-fast: setup ## Default tier only: real DB and models, no Ray cluster
-	$(BIN)/pytest -m "not serve and not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not serve and not multinode and not slow" $(PYTEST_ARGS)
 
 test-serve: setup ## Serve tier only: a Ray Serve app on this machine (includes the chaos tier)
 	$(BIN)/pytest -m serve $(PYTEST_ARGS)
 
 test-chaos: setup ## Chaos tier only: replica kills, database outage, killed ingest on a live app
 	$(BIN)/pytest -m chaos $(PYTEST_ARGS)
+
+test-multinode: setup ## Multinode tier: a head + 4 worker Ray cluster on this machine; node loss, rolling update
+	$(BIN)/pytest -m "multinode and not slow" $(PYTEST_ARGS)
 
 lint: setup ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -21,11 +21,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +30,13 @@ import httpx
 import numpy as np
 import pytest
 from helpers import QUERIES, TEST_ENV, cpu_app_config, free_port, ingest_demo, ray_cluster, wait_ready
+from traffic import SLOW_S, Answer, Load, assert_no_bugs, figures, recovered, write_report
 
 pytestmark = [pytest.mark.serve, pytest.mark.chaos]
 
 APP = "rag"
 FETCH_K = 20
 TOP_K = 5
-SLOW_S = 5.0  # an answer slower than this waited for a timeout or a new replica, not "at once"
-EVERY_S = 0.4  # light load: 2.5 searches a second
 IN_FLIGHT = 3  # requests that may be in flight when a fault strikes (and may wait for it)
 REPORT: dict[str, dict[str, Any]] = {}
 
@@ -115,152 +111,14 @@ def app_url(request, tmp_path_factory, chaos_db, state_dir, chaos_collection) ->
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         yield url
-    _print_report(tmp_path_factory.getbasetemp() / "chaos-report.json")
-
-
-def _print_report(path: Path) -> None:
-    """The figures, on the terminal (past pytest's capture) and as JSON in the session's tmp dir."""
-    if not REPORT:
-        return
-    path.write_text(json.dumps(REPORT, indent=1, sort_keys=True))
-    lines = ["", f"chaos figures (also in {path}):"]
-    for name, r in REPORT.items():
-        lines.append(f"  {name}: {json.dumps({k: v for k, v in r.items() if k != 'raw'}, sort_keys=True)}")
-    print("\n".join(lines), file=sys.__stderr__)
+    write_report(
+        REPORT, tmp_path_factory.getbasetemp() / "chaos-report.json", "chaos figures", request.config
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # load, faults, figures
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class Answer:
-    start: float
-    end: float
-    status: int  # 0: no HTTP answer (transport error)
-    kind: str  # "reranked", "dense:<reason>", "<status>:<error_type>", "transport:<exc>"
-    retry_after: str | None = None
-    error: str = ""
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
-
-
-@dataclass
-class Load:
-    """Open-loop load: a /search every ``EVERY_S`` (``RATE`` a second), each on its own thread, until stopped.
-
-    Open loop, so a fault that makes requests wait shows up as many waiting requests, not as one per client."""
-
-    url: str
-    answers: list[Answer] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> Load:
-        self._pool = ThreadPoolExecutor(max_workers=96)
-        self._client = httpx.Client(timeout=90, limits=httpx.Limits(max_connections=96))
-        t = threading.Thread(target=self._dispatch, daemon=True)
-        t.start()
-        self._threads.append(t)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-        self._pool.shutdown(wait=True)
-        self._client.close()
-
-    def _dispatch(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            self._pool.submit(self._one, QUERIES[n % len(QUERIES)])
-            n += 1
-            self._stop.wait(EVERY_S)
-
-    def _one(self, q: str) -> None:
-        t0 = time.monotonic()
-        try:
-            r = self._client.post(self.url + "/search", json={"query": q})
-        except httpx.TransportError as e:
-            self.answers.append(Answer(t0, time.monotonic(), 0, f"transport:{type(e).__name__}"))
-            return
-        t1 = time.monotonic()
-        if r.status_code == 200:
-            rr = r.json()["reranker"]
-            kind = "reranked" if rr["reranked"] else f"dense:{rr['reason']}"
-            self.answers.append(Answer(t0, t1, 200, kind, error=rr.get("detail") or ""))
-            return
-        try:
-            body = r.json()
-        except ValueError:
-            body = {"error": r.text[:200], "error_type": "not_json"}
-        self.answers.append(
-            Answer(
-                t0,
-                t1,
-                r.status_code,
-                f"{r.status_code}:{body.get('error_type')}",
-                r.headers.get("retry-after"),
-                str(body.get("error")),
-            )
-        )
-
-    def wait_until(self, pred, timeout_s: float) -> bool:
-        """Until ``pred(answers)`` is true (True) or ``timeout_s`` passed (False)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if pred(list(self.answers)):
-                return True
-            time.sleep(0.2)
-        return False
-
-
-def recovered(after: float, n: int = 4):
-    """The last ``n`` answers started after ``after`` are all reranked 200s."""
-
-    def pred(answers: list[Answer]) -> bool:
-        tail = sorted((a for a in answers if a.start > after), key=lambda a: a.start)[-n:]
-        return len(tail) == n and all(a.kind == "reranked" for a in tail)
-
-    return pred
-
-
-def figures(answers: list[Answer], fault_at: float) -> dict[str, Any]:
-    """What callers got from the fault until the app answered normally again, and how long that lasted.
-
-    Normal: a reranked 200 within ``SLOW_S``. The fault lasts (for callers) until the first normal answer
-    started after it; a slower one waited for a timeout or for a new replica, which to its caller is the
-    fault too. Slow answers that started later are a new replica warming up (``slow_after``)."""
-    # requests in flight at the fault (started within a second before it) and all later ones
-    after = sorted((a for a in answers if a.end > fault_at and a.start > fault_at - 1), key=lambda a: a.start)
-
-    def normal(a: Answer) -> bool:
-        return a.kind == "reranked" and a.seconds < SLOW_S
-
-    ends = [a.start for a in after if a.start > fault_at and normal(a)]
-    fault_end = ends[0] if ends else float("inf")
-    during = [a for a in after if a.start < fault_end]
-    bad = [a for a in during if not normal(a)]
-    kinds: dict[str, int] = {}
-    for a in bad:
-        k = a.kind + (" (slow)" if a.seconds >= SLOW_S else "")
-        kinds[k] = kinds.get(k, 0) + 1
-    later = [a for a in after if a.start >= fault_end]
-    return {
-        "answers": len(during),
-        "abnormal": len(bad),
-        "kinds": kinds,
-        "slowest_s": round(max((a.seconds for a in during), default=0.0), 2),
-        "slow": sum(a.seconds >= SLOW_S for a in during),
-        "recovery_s": round(max((a.end for a in bad), default=fault_at) - fault_at, 2),
-        "slow_after": sum(a.seconds >= SLOW_S or a.kind != "reranked" for a in later),
-        "slowest_after_s": round(max((a.seconds for a in later), default=0.0), 2),
-        "raw": [(round(a.start - fault_at, 2), round(a.seconds, 2), a.kind) for a in after],
-    }
-
-
 def replica_names(deployment: str) -> dict[str, str]:
     """Names -> namespaces of ``deployment``'s replica actors (``SERVE_REPLICA::rag#<deployment>#<id>``)."""
     import ray
@@ -294,15 +152,6 @@ def kill_replica_under_load(url: str, deployment: str, name: str) -> tuple[list[
     REPORT[name] = fig = figures(answers, fault_at)
     assert ok, f"{deployment} kill: the app did not recover within 180s: {fig}"
     return [a for a in answers if a.end > fault_at], fig
-
-
-def assert_no_bugs(answers: list[Answer]) -> None:
-    """No 500, no non-JSON answer, no dropped connection: every failure is a typed, retryable answer."""
-    bugs = [a for a in answers if a.status == 0 or (a.status >= 500 and a.status != 503)]
-    assert not bugs, [(a.kind, a.error) for a in bugs]
-    for a in answers:
-        if a.status == 503:
-            assert a.retry_after is not None, a
 
 
 # --------------------------------------------------------------------------------------------------

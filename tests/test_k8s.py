@@ -44,6 +44,10 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from kuberay import node_resources as _node_resources
+from kuberay import quantity as _quantity
+from kuberay import ray_groups as _ray_groups
+from kuberay import ray_resources_param as _ray_resources_param
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -103,11 +107,6 @@ def _one(docs: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
-def _ray_groups(rs: dict) -> list[tuple[str, dict]]:
-    rc = rs["spec"]["rayClusterConfig"]
-    return [("head", rc["headGroupSpec"])] + [(g["groupName"], g) for g in rc.get("workerGroupSpecs", [])]
-
-
 def _ray_pods(rs: dict) -> list[dict]:
     """The RayService's pod templates as Pods (what KubeRay creates, less what it injects)."""
     pods = []
@@ -133,23 +132,6 @@ def _pod_specs(docs: list[dict]) -> Iterator[tuple[str, dict, dict]]:
 
 def _component(pod_metadata: dict) -> str | None:
     return (pod_metadata.get("labels") or {}).get("app.kubernetes.io/component")
-
-
-def _quantity(q: Any) -> float:
-    """A Kubernetes quantity as a float (cores, bytes, or a plain count)."""
-    s = str(q)
-    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
-    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(u):
-            return float(s[: -len(u)]) * f
-    return float(s)
-
-
-def _ray_resources_param(value: str) -> dict[str, float]:
-    """KubeRay's rayStartParams 'resources' value ('"{\\"name\\": 1}"') as a dict."""
-    inner = value.strip()
-    assert inner.startswith('"') and inner.endswith('"'), f"resources must be a quoted JSON string: {value!r}"
-    return json.loads(inner[1:-1].replace('\\"', '"'))
 
 
 def _serve_config_of(rs: dict) -> dict:
@@ -508,23 +490,6 @@ def test_generator_check_detects_drift(tmp_path: Path, monkeypatch: pytest.Monke
 # --------------------------------------------------------------------------------------------------
 # placement: a small model of Ray's resource-based scheduling
 # --------------------------------------------------------------------------------------------------
-def _container_limit(g: dict, key: str) -> float:
-    limits = g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
-    return _quantity(limits[key]) if key in limits else 0.0
-
-
-def _node_resources(g: dict) -> dict[str, float]:
-    """What a pod of this group advertises to Ray (KubeRay: rayStartParams, else the container's limits)."""
-    params = g.get("rayStartParams") or {}
-    res = {
-        "CPU": float(params["num-cpus"]) if "num-cpus" in params else float(int(_container_limit(g, "cpu"))),
-        "GPU": float(params["num-gpus"]) if "num-gpus" in params else _container_limit(g, "nvidia.com/gpu"),
-    }
-    if "resources" in params:
-        res.update(_ray_resources_param(params["resources"]))
-    return res
-
-
 def _demand(dep: dict) -> dict[str, float]:
     opts = dep.get("ray_actor_options") or {}
     return {
