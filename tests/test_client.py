@@ -83,6 +83,7 @@ def app(db_url, state_dir, coll):
         coll,
         embedding_dtype="float32",  # what the in-process embedder runs: the library comparison below
         rerank_threads=1,
+        search_mode="dense",  # dense answers (score == dense_score without rerank); mode=: test_modes_pass
         fetch_k=FETCH_K,
         top_k=TOP_K,
         rerank_timeout_s=60,
@@ -152,7 +153,8 @@ def test_search_answer_is_typed_and_passes_options_through(client, coll):
 def test_hits_have_the_librarys_shape_and_order(client, settings, embedder, store, coll):
     from rag.pipeline import Pipeline
 
-    pipe = Pipeline(settings, embedder=embedder, store=store)  # stage 1 only: no reranker is loaded
+    # stage 1 only: no reranker is loaded; dense, as the app serves by default
+    pipe = Pipeline(settings.with_overrides(search_mode="dense"), embedder=embedder, store=store)
     for q in QUERIES[:3]:
         local = pipe.retrieve(q, k=TOP_K, collection=coll)
         remote = client.retrieve(q, k=TOP_K, collection=coll)
@@ -164,6 +166,18 @@ def test_hits_have_the_librarys_shape_and_order(client, settings, embedder, stor
     reranked = client.retrieve_and_rerank(QUERIES[0], fetch_k=FETCH_K, top_k=TOP_K)
     assert len(reranked) == TOP_K
     assert all({k: type(v) for k, v in h.items()} == HIT_TYPES for h in reranked)
+
+
+def test_modes_pass_through_and_match_the_library(client, settings, embedder, store, coll):
+    from rag.pipeline import Pipeline
+
+    pipe = Pipeline(settings, embedder=embedder, store=store)
+    for mode in ("lexical", "hybrid"):
+        local = pipe.retrieve(QUERIES[0], k=TOP_K, collection=coll, mode=mode)
+        remote = client.retrieve(QUERIES[0], k=TOP_K, collection=coll, mode=mode)
+        assert [h["id"] for h in remote] == [h["id"] for h in local], mode
+        assert [h["fused_score"] for h in remote] == pytest.approx([h["fused_score"] for h in local]), mode
+        assert all(h["score"] == h["fused_score"] for h in remote)  # stage 1's own score, not the dense one
 
 
 def _close_swaps(a: list[dict], b: list[dict]) -> bool:

@@ -51,6 +51,9 @@ def base_config(db_url, state_dir, serve_collection) -> dict[str, Any]:
         rerank_threads=1,
         fetch_k=FETCH_K,
         top_k=TOP_K,
+        # these tests pin dense-mode answers (stage 1's score is dense_score); the service's default mode,
+        # hybrid, is tested live in tests/test_hybrid_serve.py
+        search_mode="dense",
         max_documents=64,
         max_body_bytes=64 * 1024,
         rerank_timeout_s=60,
@@ -194,14 +197,17 @@ def test_search_matches_pipeline(live, settings, embedder, store, serve_collecti
         )
     pipe = Pipeline(settings, embedder=embedder, store=store, reranker=rr)
     for q in QUERIES[:3]:
-        expected = pipe.retrieve_and_rerank(q, fetch_k=FETCH_K, top_k=TOP_K, collection=serve_collection)
+        expected = pipe.retrieve_and_rerank(
+            q, fetch_k=FETCH_K, top_k=TOP_K, collection=serve_collection, mode="dense"
+        )
         r = post(live, "/search", {"query": q, "fetch_k": FETCH_K, "top_k": TOP_K})
         assert r.status_code == 200, r.text
         body = r.json()
         _same_ranking(body["results"], expected)
         assert body["reranker"]["reranked"] is True and body["reranker"]["reason"] is None
         assert body["reranker"]["trained"] is False and body["reranker"]["dtype"] == "float32"
-        assert set(body["timings_ms"]) == {"embed", "retrieve", "rerank", "total"}
+        assert set(body["timings_ms"]) == {"embed", "retrieve", "rerank", "total", "strategy"}
+        assert body["timings_ms"]["strategy"] in ("hnsw", "exact")
         assert body["candidates"] == FETCH_K
         for h in body["results"]:
             assert {"id", "source", "content", "score", "dense_score"} <= set(h)
@@ -290,7 +296,7 @@ def test_stream_sends_dense_then_reranked(live):
         [h["dense_score"] for h in dense["results"]], reverse=True
     )
     assert reranked["reranker"]["reranked"] is True
-    assert set(done["timings_ms"]) == {"embed", "retrieve", "rerank", "total"}
+    assert set(done["timings_ms"]) == {"embed", "retrieve", "rerank", "total", "strategy"}
     assert events[0][2] <= events[1][2]
 
 

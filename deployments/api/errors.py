@@ -110,7 +110,8 @@ def _message(exc: BaseException) -> str:
         parts = []
         for e in exc.errors():
             loc = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
-            parts.append(f"{loc}: {e.get('msg')}")
+            got = f" (got {e['input']!r})" if e.get("type") in ("literal_error", "enum") else ""
+            parts.append(f"{loc}: {e.get('msg')}{got}")
         return "invalid request: " + "; ".join(parts)
     if isinstance(exc, StarletteHTTPException):
         return str(exc.detail)
