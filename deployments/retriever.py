@@ -151,7 +151,7 @@ class Retriever:
         except TimeoutError as e:
             raise StoreUnavailable(
                 f"database unreachable: PostgreSQL did not answer within {READY_PING_S:g}s "
-                f"({redact_url(self.config.database_url)}); is it running?"  # type: ignore[attr-defined]
+                f"({redact_url(self.config.database_url or 'the embedded database')}); is it running?"
             ) from e
         self._record_pool()
         return {

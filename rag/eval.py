@@ -32,6 +32,7 @@ from rag.errors import IngestError, RerankerError
 from rag.settings import SEARCH_MODES
 
 if TYPE_CHECKING:
+    from rag.eval_targets import EvalTarget
     from rag.pipeline import Pipeline
 
 __all__ = [
@@ -175,7 +176,7 @@ def system_name(mode: str, reranked: bool) -> str:
 
 
 def evaluate(
-    pipeline: Pipeline,
+    target: EvalTarget | Pipeline,
     ds: EvalSet,
     *,
     collection: str,
@@ -189,10 +190,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run every query once per mode: stage 1 fetches ``fetch_k`` candidates (at least 10, so nDCG@10 and
     MRR@10 are defined); the reranked system reorders the same candidates. ``keep_runs``: also return each
-    mode's stage-1 candidate ids per query (``runs``)."""
+    mode's stage-1 candidate ids per query (``runs``). ``target``: a ``Pipeline`` (the library in this
+    process) or an ``EvalTarget`` (``rag.eval_targets``: a running service too): same figures."""
+    from rag.eval_targets import EvalTarget, local_target
+
+    t = target if isinstance(target, EvalTarget) else local_target(target)
     qids = list(ds.queries)[:limit] if limit else list(ds.queries)
-    vecs = pipeline.embedder.embed_queries([ds.queries[q] for q in qids])  # one batch: faster than per query
-    do_rerank = rerank and pipeline.reranker.enabled
+    do_rerank = rerank and t.reranker is not None
     k = max(fetch_k, top_k, 10)
     out: dict[str, Any] = {
         "dataset": ds.name,
@@ -201,7 +205,8 @@ def evaluate(
         "fetch_k": fetch_k,
         "top_k": top_k,
         "modes": list(modes),
-        "embedder": pipeline.embedder.info(),
+        "target": t.where,
+        "embedder": t.embedder,
         "systems": {},
         "notes": list(ds.notes),
     }
@@ -218,16 +223,8 @@ def evaluate(
             it = tqdm(it, unit="query", desc=f"eval {ds.name} {mode}", file=sys.stderr)
         for i in it:
             qid = qids[i]
-            # The library's one search policy; top_k=k keeps the whole reranked order for the metrics.
-            res = pipeline.search(
-                ds.queries[qid],
-                fetch_k=k,
-                top_k=k,
-                rerank=do_rerank,
-                collection=collection,
-                vector=vecs[i],
-                mode=mode,
-            )
+            # The one search policy (here or in the service); top_k=k keeps the whole reranked order.
+            res = t.search(ds.queries[qid], k, do_rerank, collection, mode)
             t_stage1 += res.timings_ms["retrieve"] / 1e3
             stage1[qid] = _doc_ranking(res.candidates, ds.key)
             ids[qid] = [str(c["id"]) for c in res.candidates]
@@ -255,8 +252,8 @@ def evaluate(
                 "description": f"{mode} + rerank(fetch_k={k}, top_k={top_k})",
             }
         runs[mode] = ids
-    if do_rerank:
-        info = pipeline.reranker.info()
+    if do_rerank and t.reranker is not None:
+        info = t.reranker
         out["reranker"] = info
         if info.get("trained") is False:
             out["notes"].append(

@@ -192,14 +192,23 @@ def eval_cmd(
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N queries.")] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate a running service at this URL (its /search/stream, with its own models and "
+            "database) instead of the library in this process; the collection must already be there. "
+            "API key: RAG_API_KEY."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results and PNG chart.")] = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
 ) -> None:
     """Each stage-1 mode (dense, lexical, hybrid) alone and reranked: recall@top_k, recall@fetch_k, nDCG@10,
     MRR@10; a JSON and a PNG chart in --out. Reranked figures from the offline stand-in reranker measure
-    plumbing, not relevance (the output says so)."""
+    plumbing, not relevance (the output says so). With --url, the same harness and report for a running
+    service: what was actually deployed."""
     from rag.eval import ensure_corpus, evaluate, load_dataset, save_results
-    from rag.pipeline import Pipeline
+    from rag.eval_targets import EvalTarget, local_target, service_target
     from rag.settings import SEARCH_MODES
     from rag.validation import check_mode, validate_search
 
@@ -208,11 +217,22 @@ def eval_cmd(
     for m in mode or ():
         check_mode(m)
     ds = load_dataset(dataset)
-    coll = collection or (ds.name if ds.corpus is not None else s.collection)
-    p = Pipeline(s.with_overrides(collection=coll, **({"reranker": "none"} if no_rerank else {})))
-    ensure_corpus(p, ds, coll, progress=not as_json)
+    target: EvalTarget
+    if url is not None:
+        from rag.client import Client
+
+        client = Client(url)  # closed with the process; RAG_API_KEY from the settings
+        target = service_target(client)
+        coll = collection or (ds.name if ds.corpus is not None else target.default_collection)
+    else:
+        from rag.pipeline import Pipeline
+
+        coll = collection or (ds.name if ds.corpus is not None else s.collection)
+        p = Pipeline(s.with_overrides(collection=coll, **({"reranker": "none"} if no_rerank else {})))
+        ensure_corpus(p, ds, coll, progress=not as_json)
+        target = local_target(p)
     res = evaluate(
-        p,
+        target,
         ds,
         collection=coll,
         rerank=not no_rerank,

@@ -9,6 +9,7 @@ the modes.
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import pytest
 from helpers import cpu_app_config, free_port, ingest_demo, ray_cluster, wait_ready
 
@@ -117,3 +118,85 @@ def test_stream_takes_the_mode_and_a_bad_mode_is_a_422(live, target):
     assert r.status_code == 422, r.text
     msg = str(r.json())
     assert "dense" in msg and "lexical" in msg and "hybrid" in msg and "sparse" in msg
+
+
+def _same_settings_as(live: str, db_url: str, state_dir):
+    """Settings holding what the live app's replicas report in /info (no secret is set there)."""
+    from rag.settings import Settings
+
+    stages = httpx.get(live + "/info", timeout=60).json()["stages"]
+    merged: dict = {}
+    for stage in ("embedder", "reranker", "search", "store"):
+        merged.update(stages[stage]["config"])
+    merged = {k: v for k, v in merged.items() if v != "***" and not k.endswith("_url")}
+    return Settings(**{**merged, "database_url": db_url, "data_dir": state_dir})
+
+
+def test_eval_url_equals_eval_in_process_to_the_last_digit(live, demo, store, db_url, state_dir, tmp_path):
+    """``rag eval --url`` (the live app, one /search/stream per query) and ``rag eval`` in this process, same
+    collection and settings: identical metrics, every mode, stage 1 and reranked."""
+    import json
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from rag.eval import evaluate, load_jsonl
+    from rag.eval_targets import local_target, service_target
+    from rag.models import StandInWarning
+    from rag.pipeline import Pipeline
+    from ragcli import app
+
+    rows = store.search(demo, np.zeros(384, dtype=np.float32) + 0.01, 24, mode="dense")
+    lines = [
+        {"question": " ".join(h["content"].split()[:9]), "expected_sources": [h["source"]]} for h in rows
+    ]
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = load_jsonl(qfile)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StandInWarning)
+        local = local_target(Pipeline(_same_settings_as(live, db_url, state_dir), store=store))
+    from rag.client import Client
+
+    with Client(live) as client:
+        remote = service_target(client)
+        kw = {"collection": demo, "fetch_k": 12, "top_k": 4}
+        here, there = evaluate(local, ds, **kw), evaluate(remote, ds, **kw)
+
+    assert there["target"] == live and here["target"] == "in-process"
+    assert set(here["systems"]) == {"dense", "lexical", "hybrid", "reranked", "lexical+reranked",
+                                    "hybrid+reranked"}  # fmt: skip
+    for name, mine in here["systems"].items():
+        theirs = there["systems"][name]
+        for metric in ("recall@4", "recall@12", "ndcg@10", "mrr@10"):
+            assert theirs[metric] == mine[metric], (name, metric)  # exactly: the same rankings
+        assert theirs.get("strategies") == mine.get("strategies"), name
+    assert there["notes"] == here["notes"]  # the stand-in reranker is labelled in both
+
+    # the command: the same report from the service
+    args = f"eval {qfile} --url {live} -c {demo} --fetch-k 12 --top-k 4 --mode hybrid --json"
+    out = CliRunner().invoke(app, [*args.split(), "--out", str(tmp_path / "results")])
+    assert out.exit_code == 0, out.output
+    cli = json.loads(out.stdout)
+    assert cli["target"] == live
+    for name in ("hybrid", "hybrid+reranked"):
+        assert cli["systems"][name]["ndcg@10"] == here["systems"][name]["ndcg@10"]
+
+
+def test_eval_url_says_what_is_wrong_when_nothing_listens(tmp_path):
+    from typer.testing import CliRunner
+
+    from ragcli import app
+
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text('{"question": "q", "expected_sources": ["a"]}\n')
+    from helpers import free_port
+
+    from rag.errors import StageUnavailable
+
+    url = f"http://127.0.0.1:{free_port()}"
+    out = CliRunner().invoke(app, ["eval", str(qfile), "--url", url])
+    # a rag.errors type: `rag` prints its message, no traceback (ragcli.main)
+    assert isinstance(out.exception, StageUnavailable), out.output
+    assert url in str(out.exception) and "rag serve" in str(out.exception)

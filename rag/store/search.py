@@ -81,7 +81,7 @@ DISTANCES: dict[str, tuple[str, str]] = {
 }
 
 
-class SearchHits(list):  # type: ignore[type-arg]
+class SearchHits(list[dict[str, Any]]):
     """The search result: a list of hit dicts, best first, plus ``strategy`` (which path ran)."""
 
     def __init__(self, rows: Iterable[dict[str, Any]] = (), strategy: str = "hnsw") -> None:
