@@ -118,7 +118,8 @@ class ReplicaSet:
     probe_every_s: float = 1.0
     store_kw: dict[str, Any] = field(default_factory=dict)
     on_probe: Callable[[list[ReplicaStatus]], None] | None = None  # after each probe round (metrics)
-    primary_searches: int = 0
+    primary_searches: int = 0  # searches the primary answered (no healthy standby, or a retry)
+    retried: int = 0  # of those, searches that failed on a standby first
     replicas: list[Replica] = field(default_factory=list, init=False)
     _turn: int = field(default=0, init=False)
     _task: asyncio.Task | None = field(default=None, init=False, repr=False)
@@ -149,6 +150,7 @@ class ReplicaSet:
             "replicas": [s.public() for s in self.statuses()],
             "max_lag_s": self.max_lag_s,
             "primary_searches": self.primary_searches,
+            "retried_on_primary": self.retried,
         }
 
     # -- health ------------------------------------------------------------------------------------
@@ -217,14 +219,14 @@ class ReplicaSet:
                 hits = await r.store.search(collection, vector, k, **kw)
                 r.searches += 1
                 return hits
-            except (
-                StoreUnavailable
-            ) as e:  # the standby went away: skip it from now on, answer from the primary
-                self._down(r, e)
+            except StoreUnavailable as e:
+                self._down(r, e)  # the standby went away: skip it from now on; the primary answers
+                self.retried += 1
             except CollectionError:  # not replicated yet, or changed: the primary's registry decides
                 pass
             except psycopg.Error as e:  # e.g. canceled by a conflict with recovery: once more, on the primary
                 log.warning("read replica %s: search failed (%s), retried on the primary", r.name, e)
+                self.retried += 1
             finally:
                 r.inflight -= 1
         self.primary_searches += 1
