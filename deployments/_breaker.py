@@ -1,4 +1,5 @@
-"""Per-stage circuit breakers for the ingress's handle calls (used by ``deployments._service``).
+"""Per-stage circuit breakers for the ingress's handle calls (used by ``deployments._service``); the breaker
+itself is ``rag.breaker.Breaker``, which the store's read replicas use too.
 
 A failure that says a stage has no live replica (``looks_dead``) opens its ``Breaker``; while it is open the
 stage's calls fail at once with ``refusal()`` instead of waiting in Serve's router for a new replica. The
@@ -15,12 +16,12 @@ Both assume a stage is never scaled to zero on purpose (``min_replicas`` >= 1, a
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 from deployments._ray_compat import routable_replicas
+from rag.breaker import Breaker as CoreBreaker
 from rag.errors import RagError, StageTimeout, StageUnavailable, StoreUnavailable
 
 __all__ = [
@@ -61,36 +62,28 @@ def looks_dead(stage: str, cause: BaseException, err: BaseException) -> bool:
 
 
 @dataclass
-class Breaker:
-    """One stage's circuit breaker (see the module docstring). Open: ``error`` says why."""
+class Breaker(CoreBreaker):
+    """One stage's circuit breaker (see the module docstring; the logic is ``rag.breaker.Breaker``)."""
 
-    stage: str
-    error: RagError | None = None
-    opened_at: float = 0.0
-    probe: asyncio.Task | None = field(default=None, repr=False)
+    log: ClassVar[logging.Logger] = log
 
     @property
-    def is_open(self) -> bool:
-        return self.error is not None
+    def stage(self) -> str:
+        return self.name
 
-    def open(self, err: BaseException) -> None:
-        if not self.is_open:
-            self.opened_at = time.monotonic()
-            log.warning("%s stage: circuit open (%s)", self.stage, err)
-        self.error = (
-            err
-            if isinstance(err, StoreUnavailable)
-            else StageUnavailable(
-                f"the {self.stage} stage has no live replica ({type(err).__name__}: {err}); "
-                f"retrying every {PROBE_EVERY_S:g}s",
-                retry_after_s=PROBE_EVERY_S,
-            )
+    @property
+    def label(self) -> str:
+        return f"{self.name} stage"
+
+    def reason(self, err: BaseException) -> RagError:
+        """A database outage stays itself; anything else says the stage has no live replica."""
+        if isinstance(err, StoreUnavailable):
+            return err
+        return StageUnavailable(
+            f"the {self.stage} stage has no live replica ({type(err).__name__}: {err}); "
+            f"retrying every {PROBE_EVERY_S:g}s",
+            retry_after_s=PROBE_EVERY_S,
         )
-
-    def close(self) -> None:
-        if self.is_open:
-            log.warning("%s stage: circuit closed after %.1fs", self.stage, time.monotonic() - self.opened_at)
-        self.error = None
 
     def refusal(self) -> RagError:
         """The error a call gets at once while the breaker is open (a fresh one: it is raised again)."""

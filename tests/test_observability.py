@@ -206,6 +206,8 @@ def _obs_config(db_url: str, state_dir: Path, collection: str, *, inject_failure
         fetch_k=OBS_FETCH_K,
         top_k=OBS_TOP_K,
         rerank_timeout_s=60,
+        # The test database as its own read replica (no standby: lag 0), so the replica series exist.
+        database_read_urls=db_url,
     )
     for d in cfg["applications"][0]["deployments"]:
         if d["name"] == "Reranker":

@@ -21,10 +21,13 @@ from rag.settings import STAGES, Settings, field_stages, local_reason
 
 STAGE_FIELDS = sorted(n for n in Settings.model_fields if field_stages(n))
 
-# A non-default value for every stage field, chosen so the app still runs on this machine. Three fields are
-# filled in by the fixture (they depend on it): database_url, data_dir and collection.
+# A non-default value for every stage field, chosen so the app still runs on this machine. Four fields are
+# filled in by the fixture (they depend on it): database_url, database_read_urls (the test database again:
+# a server that is no standby serves as a read replica with lag 0), data_dir and collection.
 NON_DEFAULT: dict[str, Any] = {
     # store
+    "read_replica_max_lag_s": 12.0,
+    "read_replica_probe_s": 2.0,
     "pool_min_size": 2,
     "pool_max_size": 5,
     "connect_timeout_s": 4.0,
@@ -93,7 +96,7 @@ NON_DEFAULT: dict[str, Any] = {
     "ready_timeout_s": 3.0,
     "api_keys": "reach-key-1,reach-key-2",
 }
-FROM_FIXTURE = {"database_url", "data_dir", "collection"}
+FROM_FIXTURE = {"database_url", "database_read_urls", "data_dir", "collection"}
 # Switching the backend replaces the model under test (cohere needs a server, none has no model); that the
 # slice carries ``reranker`` is read back all the same, and make_reranker's backends are tested in test_rerank.
 KEPT_DEFAULT = {"reranker": "switching the backend would replace the cross-encoder this app tests"}
@@ -122,9 +125,16 @@ def test_every_stage_field_has_a_non_default_value_here():
 
 
 def test_slice_public_view_hides_secrets():
-    s = Settings(cohere_api_key="sk-x", database_url="postgresql://u:pw@h/db")
+    s = Settings(
+        cohere_api_key="sk-x",
+        database_url="postgresql://u:pw@h/db",
+        database_read_urls="postgresql://u:pw@r1/db,postgresql://v:pw2@r2/db",
+    )
     assert s.slice("reranker").public()["cohere_api_key"] == "***"
     assert s.slice("store").public()["database_url"] == "postgresql://u:***@h/db"
+    assert (
+        s.slice("store").public()["database_read_urls"] == "postgresql://u:***@r1/db,postgresql://v:***@r2/db"
+    )
     assert isinstance(s.slice("reranker").cohere_api_key, SecretStr)
 
 
@@ -144,7 +154,13 @@ def reach(store, embedder, db_url, state_dir):
     name = ingest_demo(store, embedder, "reach", 40)
     url = db_url.replace("postgres:@", f"postgres:{DB_PASSWORD}@", 1)
     assert DB_PASSWORD in url, "the test database URL has an unexpected form"
-    values = {**NON_DEFAULT, "database_url": url, "data_dir": str(state_dir), "collection": name}
+    values = {
+        **NON_DEFAULT,
+        "database_url": url,
+        "database_read_urls": url,
+        "data_dir": str(state_dir),
+        "collection": name,
+    }
     cfg = cpu_app_config(
         db_url, state_dir, name, **{k: v for k, v in NON_DEFAULT.items() if k not in SECRETS}
     )
@@ -187,7 +203,7 @@ def _leaks(secrets: list[str]) -> list[str]:
 def _expected(name: str, value: Any) -> Any:
     if name in ("cohere_api_key", "api_keys"):
         return "***"
-    if name == "database_url":
+    if name in ("database_url", "database_read_urls"):
         from rag.settings import redact_url
 
         return redact_url(value)
@@ -217,6 +233,8 @@ def test_info_reports_what_the_replicas_run(reach):
     assert st["embedder"]["runtime"] == "torch" and st["embedder"]["dtype"] == "float32"
     assert st["embedder"]["trained"] is True and st["embedder"]["threads"] == 1
     assert "3" in st["store"]["ef_search_rule"] and st["store"]["database"]["pgvector"]
+    (replica,) = st["store"]["read_replicas"]["replicas"]  # database_read_urls reached the Retriever
+    assert replica["state"] == "ok" and replica["lag_s"] == 0.0, replica
     assert st["search"]["limits"]["max_documents"] == 200 and st["search"]["timeouts_s"]["rerank"] == 45.0
     assert info["service"]["ray"] and info["service"]["version"]
     text = str(info)

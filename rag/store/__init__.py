@@ -11,6 +11,7 @@
 ``schema.py``       the ``rag_collections`` registry, migrations, server versions
 ``core.py``         ``StoreCore``: what both stores share; every read as a program of statements
 ``store.py``        ``Store`` (sync, pool, writes); ``async_store.py``: ``AsyncStore`` (search only)
+``replicas.py``     ``ReplicaSet``: searches spread over hot standbys, each behind a breaker
 =================== ============================================================================
 
 The embedded server's lifecycle is ``rag.db``.
@@ -23,6 +24,7 @@ from rag.store.collections import ChunkRow, DocumentRow, WriteStats
 from rag.store.filters import FILTER_KEYS, SearchFilter, parse_filter
 from rag.store.hybrid import Fusion
 from rag.store.lexical import LexicalIndex
+from rag.store.replicas import ReplicaSet, ReplicaStatus
 from rag.store.schema import SCHEMA_VERSION, migrate
 from rag.store.search import DISTANCES, MAX_EF_SEARCH, SearchHits, Target
 from rag.store.store import Store
@@ -39,6 +41,8 @@ __all__ = [
     "DocumentRow",
     "Fusion",
     "LexicalIndex",
+    "ReplicaSet",
+    "ReplicaStatus",
     "SearchFilter",
     "SearchHits",
     "Store",

@@ -52,9 +52,11 @@ class AsyncStore(StoreCore):
         super().__init__(url, **kw)
         self.pool = AsyncConnectionPool(configure=_configure_async, **self.pool_kwargs("rag-async"))
 
-    async def open(self) -> None:
+    async def open(self, *, wait: bool = True) -> None:
+        """Open the pool: ``wait`` for its first connections (StoreUnavailable after ``timeout_s``), or
+        not (a read replica's pool: its connections come in the background, once the server answers)."""
         try:
-            await self.pool.open(wait=True, timeout=self.timeout_s)
+            await self.pool.open(wait=wait, timeout=self.timeout_s)
         except PoolTimeout as e:
             raise unavailable(self.url, e) from e
 
