@@ -21,11 +21,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rag.validation import SEARCH_MODES, SearchMode, validate_collection_name
 
 if TYPE_CHECKING:  # defined in rag.stages, which builds them from Settings (see __getattr__ below)
     from rag.stages import EmbedderConfig, RerankerConfig, SearchConfig, StageConfig, StoreConfig
@@ -57,13 +59,11 @@ RerankerBackend = Literal["cross-encoder", "cohere", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Runtime = Literal["auto", "torch", "openvino"]
-SearchMode = Literal["dense", "lexical", "hybrid"]
 LexicalIndexKind = Literal["auto", "bm25", "fts"]
 Screen = Literal["auto", "fp32", "bf16", "int8"]
 Aggregation = Literal["max", "mean", "first"]
 
 STAGES = ("embedder", "store", "reranker", "search")
-SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 
 
 def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
@@ -362,8 +362,6 @@ class Settings(BaseSettings):
     @field_validator("collection")
     @classmethod
     def _collection_name(cls, v: str) -> str:
-        from rag.validation import validate_collection_name
-
         return validate_collection_name(v)
 
     @field_validator("database_url", "database_read_urls")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 from rag.errors import CollectionError, InvalidInput
 
 __all__ = [
     "COLLECTION_RE",
+    "SEARCH_MODES",
     "Pair",
+    "SearchMode",
     "ValidPairs",
     "check_mode",
     "check_text",
@@ -30,6 +33,9 @@ __all__ = [
 
 # Collections become table names, so they are plain lower-case identifiers.
 COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+SearchMode = Literal["dense", "lexical", "hybrid"]  # stage 1 (rag.store.hybrid); RAG_SEARCH_MODE
+SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 
 
 def text_problem(value: str) -> str | None:
@@ -71,8 +77,6 @@ def validate_query(query: object, field: str = "query", *, max_chars: int | None
 
 def check_mode(mode: object) -> str:
     """A stage-1 mode: ``dense``, ``lexical`` or ``hybrid``."""
-    from rag.settings import SEARCH_MODES
-
     if mode not in SEARCH_MODES:
         raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
     return str(mode)
