@@ -26,7 +26,9 @@ from rag.validation import COLLECTION_RE
 
 __all__ = [
     "DOCS_DESCRIPTION",
+    "INSTRUCTION_DESCRIPTION",
     "MAX_TOKENS_DESCRIPTION",
+    "MODEL_DESCRIPTION",
     "QUERY_PATTERN",
     "TEXT_PATTERN",
     "DocumentIn",
@@ -79,6 +81,15 @@ DocumentIn = StrictStr | dict[str, Any]
 DOCS_DESCRIPTION = (
     "Strings, or objects `{id?, text}` (Jina, vLLM; Cohere v1's `rank_fields` names the text field); "
     "both may be mixed. Ids must not repeat; they come back in the results."
+)
+MODEL_DESCRIPTION = (
+    "The served rerank model to score with (GET /v1/models lists them; unset: the default). An unknown "
+    "name is a 422 listing the served names. When the service serves one model (RAG_RERANK_MODELS unset), "
+    "any name is accepted and that model scores."
+)
+INSTRUCTION_DESCRIPTION = (
+    "The task instruction an LLM reranker (backend llm) reads in its prompt; unset: the model's default "
+    "instruction. Cross-encoders ignore it."
 )
 MAX_TOKENS_DESCRIPTION = (
     "Tokens of each document read (default and cap: RAG_RERANK_MAX_TOKENS_PER_DOC, 4096). A document "

@@ -40,9 +40,18 @@ from rag.search import (
 from rag.stages import SearchConfig
 from rag.validation import validate_documents, validate_query, validate_texts
 
-__all__ = ["RerankReply", "SearchReply", "SearchService", "as_rag_error", "logit"]
+__all__ = ["RerankChoice", "RerankReply", "SearchReply", "SearchService", "as_rag_error", "logit"]
 
 log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class RerankChoice:
+    """Which served rerank model scores a request ("": the Reranker's one model, when ``rerank_models`` is
+    unset), and the instruction it gets (None: the model's default)."""
+
+    model: str = ""
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,11 +94,30 @@ class SearchService(StageCalls):
         super().__init__(embedder, retriever, reranker, config.ready_timeout_s)
         self.config = config
         self.latency = LatencyModel()
-        self._reranker_card: ModelCard | None = None
-        self._reranker_card_at = 0.0
+        self._cards: dict[str, tuple[ModelCard, float]] = {}
+        self._rerankers: dict[str, DeploymentHandle] = {}
         self._embedder_info: dict[str, Any] | None = None
 
-    async def do(self, step: Step) -> Any:
+    # -- which rerank model --------------------------------------------------------------------------
+    def rerank_choice(self, model: object = None, instruction: object = None) -> RerankChoice:
+        """A request's rerank model and instruction, validated (an unknown model is a 422 that lists the
+        served names), before any stage runs."""
+        if model is not None and not isinstance(model, str):
+            raise InvalidInput(f"the rerank model must be a string naming a served model, got {model!r}")
+        name = self.config.pick_model(model)
+        if instruction is not None:
+            instruction = validate_query(instruction, "instruction", max_chars=self.config.max_query_chars)
+        return RerankChoice(name, instruction)
+
+    def _reranker_for(self, model: str) -> DeploymentHandle:
+        """The Reranker handle that routes to ``model`` (Serve's multiplexing: a replica that holds it)."""
+        if not model:
+            return self.reranker
+        if model not in self._rerankers:
+            self._rerankers[model] = self.reranker.options(multiplexed_model_id=model)
+        return self._rerankers[model]
+
+    async def do(self, step: Step, choice: RerankChoice | None = None) -> Any:
         """Perform one stage call of the policy through its deployment."""
         c = self.config
         if isinstance(step, Embed):
@@ -101,7 +129,11 @@ class SearchService(StageCalls):
             return await self.call("retrieve", call, c.retrieve_timeout_s)
         if isinstance(step, Rerank):
             timeout_s = step.timeout_s if step.timeout_s is not None else c.rerank_wait_s
-            response = self.reranker.rerank.remote(step.query, step.documents, deadline_s=timeout_s)
+            choice = choice or RerankChoice()
+            kw: dict[str, Any] = {"deadline_s": timeout_s}
+            if choice.instruction is not None:
+                kw["instruction"] = choice.instruction
+            response = self._reranker_for(choice.model).rerank.remote(step.query, step.documents, **kw)
             return await self.call("rerank", response, timeout_s, timeout_is_error=not step.budget_bound)
         raise TypeError(f"unknown step {step!r}")
 
@@ -116,9 +148,13 @@ class SearchService(StageCalls):
         return make_request(self.config, kw.pop("query"), filter=flt, **kw)
 
     async def search(
-        self, req: SearchRequest, on_dense: Callable[[Dense], Awaitable[None]] | None = None
+        self,
+        req: SearchRequest,
+        on_dense: Callable[[Dense], Awaitable[None]] | None = None,
+        choice: RerankChoice | None = None,
     ) -> SearchReply:
-        card = await self.reranker_card()
+        choice = choice or RerankChoice()
+        card = await self.reranker_card(choice.model)
         policy = two_stage(
             req,
             reranker_enabled=card.backend != "none",
@@ -126,7 +162,11 @@ class SearchService(StageCalls):
             strict=self.config.strict_rerank,
             latency=self.latency,
         )
-        res = await run_async(policy, self.do, on_dense)
+
+        async def do(step: Step) -> Any:
+            return await self.do(step, choice)
+
+        res = await run_async(policy, do, on_dense)
         self._record(res)
         return SearchReply(req, res, card)
 
@@ -153,12 +193,16 @@ class SearchService(StageCalls):
         max_tokens_per_doc: int | None = None,
         truncate: bool | None = None,
         field: str = "documents",
+        model: object = None,
+        instruction: object = None,
     ) -> RerankReply:
-        """The rerank routes' call: validated here (``top_n``: the results the route will return); long
-        documents split into windows by the Reranker's engine, one score per document, the best window's
-        span, usage. Errors are not degraded: there is no dense order to fall back on."""
+        """The rerank routes' call: validated here (``top_n``: the results the route will return; ``model``:
+        a served model's name, None for the default); long documents split into windows by the Reranker's
+        engine, one score per document, the best window's span, usage. Errors are not degraded: there is
+        no dense order to fall back on."""
         c = self.config
         q = validate_query(query, max_chars=c.max_query_chars)
+        choice = self.rerank_choice(model, instruction)
         docs = validate_documents(documents, limit=c.documents_limit, field=field)
         if top_n is not None and not 1 <= top_n <= c.documents_limit:
             raise InvalidInput(f"top_n must be between 1 and {c.documents_limit}, got {top_n}")
@@ -170,29 +214,42 @@ class SearchService(StageCalls):
             )
         t0 = time.perf_counter()
         timeout_s = c.rerank_wait_s
-        call = self.reranker.rerank_documents.remote(
-            q, docs, timeout_s, max_tokens_per_doc=max_tokens_per_doc, truncate=truncate, field=field
-        )
+        kw: dict[str, Any] = {"max_tokens_per_doc": max_tokens_per_doc, "truncate": truncate, "field": field}
+        if choice.instruction is not None:
+            kw["instruction"] = choice.instruction
+        call = self._reranker_for(choice.model).rerank_documents.remote(q, docs, timeout_s, **kw)
         result: RerankResult = await self.call("rerank", call, timeout_s)
         ms = (time.perf_counter() - t0) * 1e3
         self.latency.observe(ms, max(1, result.usage.pairs or len(docs)))
         _observe("rerank", ms)
-        return RerankReply(result, ms, await self.reranker_card())
+        return RerankReply(result, ms, await self.reranker_card(choice.model))
 
-    async def reranker_card(self, max_age_s: float = 30.0) -> ModelCard:
-        """What the Reranker runs (cached; refreshed every ``max_age_s`` in case it was redeployed)."""
-        if self._reranker_card is None or time.monotonic() - self._reranker_card_at > max_age_s:
+    async def reranker_card(self, model: str = "", max_age_s: float = 30.0) -> ModelCard:
+        """What the rerank model ``model`` is ("": the Reranker's default; cached, refreshed every
+        ``max_age_s`` in case it was redeployed)."""
+        held = self._cards.get(model)
+        if held is None or time.monotonic() - held[1] > max_age_s:
             try:
-                info = await self.call("rerank", self.reranker.info.remote(), self.config.ready_timeout_s)
-                drop = ("config", "user_config", "score_cache", "long_documents")  # /info has them
-                self._reranker_card = ModelCard.model_validate(
-                    {k: v for k, v in info.items() if k not in drop}
-                )
-                self._reranker_card_at = time.monotonic()
+                call = self._reranker_for(model).card.remote() if model else self.reranker.info.remote()
+                info = await self.call("rerank", call, self.config.ready_timeout_s)
+                card = ModelCard.model_validate({k: v for k, v in info.items() if k not in _NOT_CARD})
+                self._cards[model] = (card, time.monotonic())
+                return card
             except Exception as e:
                 log.warning("could not get the reranker's info: %s", e)
-                return self._reranker_card or ModelCard.unknown()
-        return self._reranker_card
+                return held[0] if held is not None else ModelCard.unknown()
+        return held[0]
+
+    async def models(self) -> dict[str, Any]:
+        """GET /v1/models: every served rerank model, and what the answering Reranker replica holds."""
+        t = self.config.ready_timeout_s
+        info = await self.call("rerank", self.reranker.info.remote(), t, count_errors=False)
+        return {
+            "models": info.get("models", []),
+            "replica": info.get("replica"),
+            "loaded_models": info.get("loaded_models", []),
+            "models_per_replica": info.get("models_per_replica"),
+        }
 
     # -- embedding routes --------------------------------------------------------------------------
     async def embed(self, texts: list[str]) -> list[list[float]]:
@@ -281,6 +338,13 @@ class SearchService(StageCalls):
             else:
                 out[name] = {"ready": True, **r}
         return ok, out
+
+
+# What the Reranker's info() holds besides its model card (GET /info and /v1/models show those).
+_NOT_CARD = frozenset(
+    {"config", "user_config", "score_cache", "long_documents", "models", "loaded_models", "replica",
+     "default_model", "models_per_replica"}
+)  # fmt: skip
 
 
 def _versions() -> dict[str, Any]:

@@ -32,11 +32,15 @@ __all__ = [
     "RAY_SERVE_METRICS",
     "SKIP_REASONS_COUNTED",
     "HeldGauge",
+    "export_model_zeros",
     "export_zeros",
     "exported_series",
     "from_stage",
     "get",
     "model_info",
+    "model_load",
+    "model_unloaded",
+    "model_zero_series",
     "record_rerank_batch",
     "stage_error",
     "zero_series",
@@ -66,20 +70,20 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "rag_rerank_phase_latency_ms": (
         "histogram",
         "Inside the Reranker replica, per batch: queue (request waited for its batch), tokenize, "
-        "inference (forward passes), in milliseconds.",
-        ("phase",),
+        "inference (forward passes), in milliseconds (model: the served model's name).",
+        ("phase", "model"),
         LATENCY_MS_BUCKETS,
     ),
     "rag_rerank_batch_pairs": (
         "histogram",
-        "(query, document) pairs scored in one Reranker batch.",
-        (),
+        "(query, document) pairs scored in one Reranker batch (model: the served model's name).",
+        ("model",),
         BATCH_PAIRS_BUCKETS,
     ),
     "rag_rerank_batch_requests": (
         "histogram",
-        "Requests merged into one Reranker batch.",
-        (),
+        "Requests merged into one Reranker batch (a batch holds one model's requests).",
+        ("model",),
         BATCH_REQUESTS_BUCKETS,
     ),
     "rag_candidates_per_request": (
@@ -115,21 +119,47 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     ),
     "rag_rerank_cache_hits_total": (
         "counter",
-        "(query, document) pairs the Reranker replica answered from its score cache.",
-        (),
+        "(query, document) pairs the Reranker replica answered from its score cache, per model.",
+        ("model",),
         None,
     ),
     "rag_rerank_cache_misses_total": (
         "counter",
         "(query, document) pairs looked up in the score cache and not found (computed by the model).",
-        (),
+        ("model",),
         None,
     ),
-    "rag_rerank_cache_entries": ("gauge", "Entries in the Reranker replica's score cache.", (), None),
+    "rag_rerank_cache_entries": (
+        "gauge",
+        "Entries in the Reranker replica's score cache of each model.",
+        ("model",),
+        None,
+    ),
     "rag_rerank_cache_bytes": (
         "gauge",
-        "Estimated bytes held by the Reranker replica's score cache (bounded by rerank_cache_bytes).",
-        (),
+        "Estimated bytes held by the Reranker replica's score cache of each model (each bounded by "
+        "rerank_cache_bytes).",
+        ("model",),
+        None,
+    ),
+    "rag_rerank_model_loads_total": (
+        "counter",
+        "Loads of a served rerank model by a Reranker replica (outcome: ok | error); a load after an "
+        "eviction counts again.",
+        ("model", "outcome"),
+        None,
+    ),
+    "rag_rerank_model_loaded": (
+        "gauge",
+        "1 while the Reranker replica holds the model loaded, 0 once evicted (least recently used) or "
+        "before its first load.",
+        ("model",),
+        None,
+    ),
+    "rag_rerank_model_load_seconds": (
+        "gauge",
+        "How long the replica's last load of the model took (seconds).",
+        ("model",),
         None,
     ),
     "rag_db_pool_size": (
@@ -299,6 +329,32 @@ def get(name: str) -> Any:
     return HeldGauge(m.Gauge(name, description=desc, tag_keys=tags))
 
 
+def model_zero_series(models: list[str]) -> dict[str, list[dict[str, str]]]:
+    """The per-model counters a Reranker replica creates at 0 for each served model at start-up (the score
+    cache's hits and misses, the loads), so per-model panels read 0, not "No data", before any traffic."""
+    one = [{"model": m} for m in models]
+    loads = [{"model": m, "outcome": o} for m in models for o in ("ok", "error")]
+    return {
+        "rag_rerank_cache_hits_total": one,
+        "rag_rerank_cache_misses_total": one,
+        "rag_rerank_model_loads_total": loads,
+    }
+
+
+def export_model_zeros(models: list[str]) -> None:
+    """Create every ``model_zero_series(models)`` counter at 0 in this process (each Reranker replica), and
+    ``rag_rerank_model_loaded`` at 0 for each model."""
+    from deployments._ray_compat import counter_add_zero
+
+    for name, label_sets in model_zero_series(models).items():
+        counter = get(name)
+        for tags in label_sets:
+            if not counter_add_zero(counter, dict(tags)):
+                break
+    for m in models:
+        get("rag_rerank_model_loaded").set(0, tags={"model": m})
+
+
 def zero_series() -> dict[str, list[dict[str, str]]]:
     """The label sets of the error and skip counters that exist (at 0) from start-up, so that dashboards and
     alerts read 0, not "No data", before the first error: every reason a search may skip the rerank, and per
@@ -306,6 +362,7 @@ def zero_series() -> dict[str, list[dict[str, str]]]:
     from rag.errors import (
         ConfigError,
         ModelError,
+        ModelUnavailable,
         Overloaded,
         RerankerError,
         StageTimeout,
@@ -317,7 +374,7 @@ def zero_series() -> dict[str, list[dict[str, str]]]:
     per_stage: dict[str, list[type]] = {
         "embed": [*retryable, ModelError],
         "retrieve": [*retryable, StoreUnavailable],
-        "rerank": [*retryable, RerankerError],
+        "rerank": [*retryable, RerankerError, ModelUnavailable],
         "ingress": [ConfigError],
     }
     errors = [{"stage": s, "error_type": c.error_type} for s, types in per_stage.items() for c in types]
@@ -355,26 +412,41 @@ def model_info(role: str, info: dict[str, Any], *, backend: str | None = None) -
     get("rag_model_info").set(1, tags=tags)
 
 
-def record_rerank_batch(report: BatchReport) -> None:
-    """One Reranker batch (``rag.rerank_engine``'s observer): sizes, phases, each item's queue wait, the
-    score cache."""
+def record_rerank_batch(report: BatchReport, *, model: str) -> None:
+    """One Reranker batch of ``model`` (``rag.rerank_engine``'s observer): sizes, phases, each item's queue
+    wait, the score cache."""
     t = report.timings
-    get("rag_rerank_batch_pairs").observe(report.pairs)
-    get("rag_rerank_batch_requests").observe(report.items)
+    m = {"model": model}
+    get("rag_rerank_batch_pairs").observe(report.pairs, tags=m)
+    get("rag_rerank_batch_requests").observe(report.items, tags=m)
     phase = get("rag_rerank_phase_latency_ms")
     for q_ms in report.queue_ms:
-        phase.observe(q_ms, tags={"phase": "queue"})
+        phase.observe(q_ms, tags={"phase": "queue", **m})
     if report.pairs > t.cache_hits:  # something went through the model
-        phase.observe(t.tokenize_ms, tags={"phase": "tokenize"})
-    phase.observe(t.inference_ms, tags={"phase": "inference"})
+        phase.observe(t.tokenize_ms, tags={"phase": "tokenize", **m})
+    phase.observe(t.inference_ms, tags={"phase": "inference", **m})
     cache = report.cache
     if cache is not None:
         if t.cache_hits:
-            get("rag_rerank_cache_hits_total").inc(t.cache_hits)
+            get("rag_rerank_cache_hits_total").inc(t.cache_hits, tags=m)
         if t.cache_misses:
-            get("rag_rerank_cache_misses_total").inc(t.cache_misses)
-        get("rag_rerank_cache_entries").set(len(cache))
-        get("rag_rerank_cache_bytes").set(cache.bytes)
+            get("rag_rerank_cache_misses_total").inc(t.cache_misses, tags=m)
+        get("rag_rerank_cache_entries").set(len(cache), tags=m)
+        get("rag_rerank_cache_bytes").set(cache.bytes, tags=m)
+
+
+def model_load(model: str, *, ok: bool, seconds: float | None = None) -> None:
+    """A Reranker replica loaded ``model`` (or failed to)."""
+    get("rag_rerank_model_loads_total").inc(tags={"model": model, "outcome": "ok" if ok else "error"})
+    if ok:
+        get("rag_rerank_model_loaded").set(1, tags={"model": model})
+    if seconds is not None:
+        get("rag_rerank_model_load_seconds").set(seconds, tags={"model": model})
+
+
+def model_unloaded(model: str) -> None:
+    """The replica's multiplexer evicted ``model``."""
+    get("rag_rerank_model_loaded").set(0, tags={"model": model})
 
 
 # Errors a stage call ended with (counted there, or deliberately not): the ingress does not count them again.

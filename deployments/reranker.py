@@ -1,15 +1,20 @@
-"""Reranker deployment: the rerank engine (``rag.rerank_engine``) with its chunks batched by ``@serve.batch``.
+"""Reranker deployment: the served rerank models (``deployments._model_pool``), each a rerank engine
+(``rag.rerank_engine``) with its chunks batched by its own ``@serve.batch`` queue.
 
-The engine does the work (windows, score cache, cost cap, admission, chunks and turns, the batch body); this
-class wires it to Serve: every chunk of every request goes through ``score_batch``, so concurrent requests
-share forward passes; ``user_config`` sets the batch knobs (``reconfigure``, no restart); each batch is
-recorded in metrics; ``record_autoscaling_stats`` reports the pending pairs the autoscaling policy scales on.
+The engines do the work (windows, score cache, cost cap, admission, chunks and turns, the batch body); this
+class wires them to Serve: a request names its model through Serve's model multiplexing (the ingress calls
+``handle.options(multiplexed_model_id=name)``; here ``serve.get_multiplexed_model_id()``), the pool loads it
+on demand and evicts the least recently used past ``rerank_models_per_replica``; every chunk of every
+request goes through its model's batch queue, so concurrent requests for one model share forward passes and
+a batch never mixes two models; ``user_config`` sets the batch knobs of every queue (``reconfigure``, no
+restart); each batch is recorded in metrics with its model; ``record_autoscaling_stats`` reports the pending
+pairs of every model the autoscaling policy scales on.
 
 Batch size is bounded twice, both from ``user_config``: ``max_batch_size`` requests and
 ``max_pairs_per_batch`` pairs (the memory bound on a GPU fraction), folded into one cost by
-``rag.rerank_schedule.batch_cost`` (Ray's ``batch_size_fn``). One batch runs at a time; the engine's
-scheduler holds the next chunks while it runs and releases them together when it ends, so they form the next
-batch together (Ray's queue would otherwise form it ``batch_wait_timeout_s`` after its first item).
+``rag.rerank_schedule.batch_cost`` (Ray's ``batch_size_fn``). One batch per model runs at a time; the
+engine's scheduler holds the next chunks while it runs and releases them together when it ends, so they form
+the next batch together (Ray's queue would otherwise form it ``batch_wait_timeout_s`` after its first item).
 """
 
 from __future__ import annotations
@@ -20,48 +25,66 @@ from typing import Any
 
 from ray import serve
 
-from deployments import metrics
 from deployments._args import RerankerUserConfig
+from deployments._model_pool import MAX_CONCURRENT_BATCHES, Loaded, ModelPool
 from deployments.autoscaling import PENDING_PAIRS
 from rag.errors import RerankerError
-from rag.rerank import make_reranker
 from rag.rerank_engine import RerankEngine, RerankOptions, RerankResult
-from rag.rerank_schedule import ADMIT_FRACTION, Item, Part, batch_cost
+from rag.rerank_schedule import ADMIT_FRACTION
 from rag.stages import RerankerConfig
 
-__all__ = ["Reranker"]
+__all__ = ["MAX_CONCURRENT_BATCHES", "Reranker"]
 
 log = logging.getLogger("ray.serve")
 
 _DEFAULTS = RerankerUserConfig()
-# Config rule: max_ongoing_requests >= max_batch_size * MAX_CONCURRENT_BATCHES (2x leaves room to fill).
-MAX_CONCURRENT_BATCHES = 1
 
 
 @serve.deployment(name="Reranker", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class Reranker:
-    """A ``RerankEngine`` over the configured backend (cross-encoder, Cohere or none)."""
+    """The served rerank models (cross-encoder, Cohere, LLM or none), one ``RerankEngine`` each."""
 
     def __init__(self, config: RerankerConfig) -> None:
         self.config = config
-        self.engine = RerankEngine(make_reranker(config), config, submit=self.score_batch)
-        self.engine.on_batch = metrics.record_rerank_batch
         self._cfg = _DEFAULTS
-        self.engine.set_batch_caps(_DEFAULTS.max_batch_size, _DEFAULTS.max_pairs_per_batch)
-        metrics.model_info("reranker", self.engine.backend.info())
+        self.pool = ModelPool(config, _DEFAULTS, before_batch=self._chaos)
+
+    @property
+    def engine(self) -> RerankEngine:
+        """The default model's engine (loaded at start-up; tests and benchmarks read its scheduler)."""
+        engine = self.pool.peek(self.pool.default)
+        if engine is None:
+            raise RerankerError(f"the default rerank model {self.pool.default!r} is not loaded right now")
+        return engine
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         self._cfg = RerankerUserConfig.model_validate(user_config or {})
-        self._cfg.apply(self.score_batch, "reranker")
-        self.engine.set_batch_caps(self._cfg.max_batch_size, self._cfg.max_pairs_per_batch)
+        self.pool.reconfigure(self._cfg)
 
-    async def rerank(self, query: str, documents: list[str], deadline_s: float | None = None) -> list[float]:
+    async def _model(self) -> Loaded:
+        """The model this request named (Serve's multiplexed model id; none: the default)."""
+        return await self.pool.get(serve.get_multiplexed_model_id() or None)
+
+    def _instruction(self, loaded: Loaded, instruction: str | None) -> str | None:
+        """The request's instruction, else its model's default (the LLM backend reads it)."""
+        return instruction if instruction is not None else self.pool.entries[loaded.name].instruction
+
+    async def rerank(
+        self,
+        query: str,
+        documents: list[str],
+        deadline_s: float | None = None,
+        *,
+        instruction: str | None = None,
+    ) -> list[float]:
         """One score per /search candidate, in input order. ``deadline_s``: how long the caller waits;
         work that would finish later is refused (Overloaded) or stopped (StageTimeout)."""
         if not documents:
             return []
+        loaded = await self._model()
+        self._instruction(loaded, instruction)  # TODO(llmrerank merge): RerankOptions.instruction
         opt = RerankOptions(kind="candidates", deadline_s=deadline_s)
-        return (await self.engine.rerank(query, documents, opt)).scores
+        return (await loaded.engine.rerank(query, documents, opt)).scores
 
     async def rerank_documents(
         self,
@@ -72,45 +95,76 @@ class Reranker:
         max_tokens_per_doc: int | None = None,
         truncate: bool | None = None,
         field: str = "documents",
+        instruction: str | None = None,
     ) -> RerankResult:
         """The rerank routes: long documents split into windows, one score per document."""
+        loaded = await self._model()
+        self._instruction(loaded, instruction)  # TODO(llmrerank merge): RerankOptions.instruction
         opt = RerankOptions("documents", max_tokens_per_doc, truncate, deadline_s, field)
-        return await self.engine.rerank(query, documents, opt)
+        return await loaded.engine.rerank(query, documents, opt)
+
+    async def card(self) -> dict[str, Any]:
+        """What the requested model is (the ingress's ModelCard of a reply): its backend's facts."""
+        loaded = await self._model()
+        return {**loaded.engine.backend.info(), "name": loaded.name}
 
     def info(self) -> dict[str, Any]:
-        """What this replica runs and the configuration it holds (GET /info; no secrets)."""
+        """What this replica runs and the configuration it holds (GET /info; no secrets): the default
+        model's engine when loaded, and every served model with whether this replica holds it."""
+        pool = self.pool
+        engine = pool.peek(pool.default)
+        head = engine.info() if engine is not None else self._described(pool.default)
         return {
-            **self.engine.info(),
+            **head,
+            "config": self.config.public(),
+            "default_model": pool.default,
+            "models": pool.describe(),
+            "loaded_models": pool.held(),
+            "models_per_replica": pool.max_loaded,
+            "replica": _replica_id(),
             "user_config": self._cfg.model_dump(),
             "max_concurrent_batches": MAX_CONCURRENT_BATCHES,
             "admit_fraction": ADMIT_FRACTION,
         }
 
-    def ready(self) -> dict[str, Any]:
-        return {**self.engine.backend.info(), "enabled": self.engine.enabled}
+    def _described(self, name: str) -> dict[str, Any]:
+        d = next(m for m in self.pool.describe() if m["name"] == name)
+        return {"model": d["model"], "backend": d["backend"], "device": None, "dtype": None, "trained": None}
 
-    def stats(self, reset: bool = False) -> dict[str, Any]:
-        """Batching stats of this replica (tests, benchmarks): ``rag.rerank_stats.EngineStats``, the
-        requests active now, and the user_config it runs with."""
-        s = self.engine.scheduler
-        return {
-            **self.engine.stats.as_dict(reset),
-            "active_requests": len(s.active),
-            "active_pairs": s.pending_pairs(),
-            "pairs_per_s": s.pairs_per_s,
-            "compute_pairs_per_s": s.compute_pairs_per_s,
-            "round_pairs": s.budget(),
+    def ready(self) -> dict[str, Any]:
+        pool = self.pool
+        engine = pool.peek(pool.default)
+        head = engine.backend.info() if engine is not None else self._described(pool.default)
+        enabled = engine.enabled if engine is not None else head["backend"] != "none"
+        return {**head, "enabled": enabled, "default_model": pool.default}
+
+    def stats(self, reset: bool = False, model: str | None = None) -> dict[str, Any]:
+        """Batching stats of this replica (tests, benchmarks): the ``model`` engine's (default: the default
+        model's) ``rag.rerank_stats.EngineStats``, the requests active now, the user_config it runs with;
+        and for every model: the models of each recent batch, what is loaded and how often it was."""
+        pool = self.pool
+        out: dict[str, Any] = {
+            "batch_models": [list(b) for b in pool.batch_models],
+            "loaded_models": pool.held(),
+            "loads": dict(pool.loads),
+            "load_s": {n: round(x.load_s, 4) for n, x in pool.loaded.items()},
+            "pending_pairs": pool.pending_pairs(),
             "user_config": self._cfg.model_dump(),
         }
-
-    @serve.batch(
-        max_batch_size=_DEFAULTS.max_batch_size,
-        batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s,
-        max_concurrent_batches=MAX_CONCURRENT_BATCHES,
-        batch_size_fn=batch_cost,
-    )
-    async def score_batch(self, items: list[Item]) -> list[Part | BaseException]:
-        return await self.engine.run_batch(items, before=self._chaos)
+        engine = pool.peek(model or pool.default)
+        if engine is not None:
+            s = engine.scheduler
+            out.update(
+                engine.stats.as_dict(reset),
+                active_requests=len(s.active),
+                active_pairs=s.pending_pairs(),
+                pairs_per_s=s.pairs_per_s,
+                compute_pairs_per_s=s.compute_pairs_per_s,
+                round_pairs=s.budget(),
+            )
+        if reset:
+            pool.batch_models.clear()
+        return out
 
     async def _chaos(self) -> None:
         """``user_config``'s test knobs: extra latency per batch, or every batch failing."""
@@ -121,5 +175,13 @@ class Reranker:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve calls this on the replica (Ray 2.60 custom metrics): the pairs admitted and not yet
-        scored, what ``deployments.autoscaling.PendingPairsPolicy`` scales on (``PENDING_PAIRS``)."""
-        return {PENDING_PAIRS: float(self.engine.scheduler.pending_pairs())}
+        scored over every model it holds, what ``deployments.autoscaling.PendingPairsPolicy`` scales on
+        (``PENDING_PAIRS``)."""
+        return {PENDING_PAIRS: float(self.pool.pending_pairs())}
+
+
+def _replica_id() -> str | None:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # not in a replica
+        return None

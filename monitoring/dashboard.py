@@ -39,6 +39,7 @@ S5XX = 'status_code=~"5.."'
 S4XX = 'status_code=~"4.."'
 SEARCH_ROUTE = 'route=~".*/search"'
 RERANKER = 'deployment="Reranker"'
+MODEL = 'model=~"$model"'  # the dashboard's rerank model variable (served model names)
 
 
 # Every helper below scopes its query to the selected application(s).
@@ -62,8 +63,8 @@ def _pcts(name: str, *m: str, qs: tuple[float, ...] = (0.5, 0.95, 0.99), prefix:
     return [(_q(q, name, *m), f"{prefix}p{round(q * 100)}") for q in qs]
 
 
-def _dist(name: str) -> list:
-    return [*_pcts(name, qs=(0.5, 0.95)), (_mean(name), "mean")]
+def _dist(name: str, *m: str) -> list:
+    return [*_pcts(name, *m, qs=(0.5, 0.95)), (_mean(name, *m), "mean")]
 
 
 def _overview() -> list[dict]:
@@ -160,8 +161,8 @@ def _latency() -> list[dict]:
         ],
         timeseries(
             "Reranker phases (p95)",
-            "Inside the Reranker: queue wait, tokenize, forward passes.",
-            [(_q(0.95, "rag_rerank_phase_latency_ms", by="phase"), "{{phase}}")],
+            "Inside the Reranker: queue wait, tokenize, forward passes (the models selected above).",
+            [(_q(0.95, "rag_rerank_phase_latency_ms", MODEL, by="phase"), "{{phase}}")],
             "ms",
         ),
         timeseries(
@@ -177,13 +178,13 @@ def _batching() -> list[dict]:
     util = "serve_batch_utilization_percent"
     searches = _rate(STAGE, TOTAL, suffix="_count")
     skipped = f"{_rate('rag_rerank_skipped_total', by='reason')} / ignoring (reason) group_left {searches}"
-    hits, misses = _rate("rag_rerank_cache_hits_total"), _rate("rag_rerank_cache_misses_total")
+    hits, misses = _rate("rag_rerank_cache_hits_total", MODEL), _rate("rag_rerank_cache_misses_total", MODEL)
     return [
         row("Rerank batching"),
         timeseries(
             "Rerank batch size (pairs)",
-            "(query, document) pairs scored per Reranker batch.",
-            _dist("rag_rerank_batch_pairs"),
+            "(query, document) pairs scored per Reranker batch (the models selected above).",
+            _dist("rag_rerank_batch_pairs", MODEL),
             "short",
             w=8,
         ),
@@ -192,7 +193,7 @@ def _batching() -> list[dict]:
             "Requests (items) merged per Reranker batch, and Serve's ray_serve_actual_batch_size: "
             "the batch_size_fn cost, which reaches max_batch_size when either cap binds.",
             [
-                *_dist("rag_rerank_batch_requests"),
+                *_dist("rag_rerank_batch_requests", MODEL),
                 (_mean("serve_actual_batch_size", RERANKER), "serve batch cost (batch_size_fn) mean"),
             ],
             "short",
@@ -228,6 +229,65 @@ def _batching() -> list[dict]:
             "(hits / lookups); the rest went through the model.",
             [(f"{hits} / ({hits} + {misses})", "hit rate")],
             "percentunit",
+            w=8,
+        ),
+    ]
+
+
+def _models() -> list[dict]:
+    by = "model"
+    loaded = _gauge("sum", "rag_rerank_model_loaded", by).replace(APP, f"{APP},{MODEL}")
+    load_s = _gauge("max", "rag_rerank_model_load_seconds", by).replace(APP, f"{APP},{MODEL}")
+    return [
+        row("Rerank models (A/B: pick models above)"),
+        timeseries(
+            "Rerank latency by model (p95)",
+            "Inference time of a batch (forward passes) per served model: compare an A/B pair here.",
+            [(_q(0.95, "rag_rerank_phase_latency_ms", MODEL, 'phase="inference"', by=by), "{{model}}")],
+            "ms",
+            w=8,
+        ),
+        timeseries(
+            "Rerank pairs scored by model",
+            "(query, document) pairs per second each served model scored (its share of the traffic).",
+            [(_rate("rag_rerank_batch_pairs", MODEL, by=by, suffix="_sum"), "{{model}}")],
+            "short",
+            w=8,
+        ),
+        timeseries(
+            "Rerank score cache hit rate by model",
+            "Share of each model's pairs answered from its score cache.",
+            [
+                (
+                    f"{_rate('rag_rerank_cache_hits_total', MODEL, by=by)} / "
+                    f"({_rate('rag_rerank_cache_hits_total', MODEL, by=by)} + "
+                    f"{_rate('rag_rerank_cache_misses_total', MODEL, by=by)})",
+                    "{{model}}",
+                )
+            ],
+            "percentunit",
+            w=8,
+        ),
+        timeseries(
+            "Replicas holding each rerank model",
+            "Reranker replicas that hold the model loaded now (multiplexing: at most "
+            "rerank_models_per_replica per replica, least recently used evicted).",
+            [(loaded, "{{model}}")],
+            "short",
+            w=8,
+        ),
+        timeseries(
+            "Rerank model loads",
+            "Loads per second by model and outcome (error: the model failed to load; its requests get 503s).",
+            [(_rate("rag_rerank_model_loads_total", MODEL, by="model, outcome"), "{{model}} {{outcome}}")],
+            "short",
+            w=8,
+        ),
+        timeseries(
+            "Rerank model load time",
+            "How long the last load of each model took (seconds, the slowest replica).",
+            [(load_s, "{{model}}")],
+            "s",
             w=8,
         ),
     ]
@@ -335,6 +395,7 @@ def _read_replicas() -> list[dict]:
 def dashboard() -> dict:
     """The Grafana dashboard model: import as is and pick a Prometheus datasource."""
     apps = f"label_values({series('serve_deployment_replica_healthy')}, application)"
+    models = f"label_values({series('rag_rerank_model_loaded')}{{{APP}}}, model)"
     return dashboard_model(
         uid=DASHBOARD_UID,
         title="RAG retrieval service",
@@ -346,11 +407,15 @@ def dashboard() -> dict:
             *_traffic(),
             *_latency(),
             *_batching(),
+            *_models(),
             *_replicas(),
             *_pool_and_models(),
             *_read_replicas(),
         ],
-        variables=[query_variable("application", "Application", apps)],
+        variables=[
+            query_variable("application", "Application", apps),
+            query_variable("model", "Rerank model", models),
+        ],
     )
 
 

@@ -83,6 +83,7 @@ def metric_names(expr: str) -> set[str]:
     return set(_NAME.findall(expr))
 
 
-def substitute(expr: str, *, application: str = ".*", rate_interval: str = "1m") -> str:
+def substitute(expr: str, *, application: str = ".*", rate_interval: str = "1m", model: str = ".*") -> str:
     """Resolve the dashboard's template variables the way Grafana would."""
-    return expr.replace("$application", application).replace("$__rate_interval", rate_interval)
+    out = expr.replace("$application", application).replace("$__rate_interval", rate_interval)
+    return out.replace("$model", model)

@@ -14,6 +14,7 @@ __all__ = [
     "IngestError",
     "InvalidInput",
     "ModelError",
+    "ModelUnavailable",
     "Overloaded",
     "RagError",
     "RerankerError",
@@ -23,6 +24,7 @@ __all__ = [
     "StageUnavailable",
     "StoreUnavailable",
     "Unauthenticated",
+    "UnknownModel",
 ]
 
 
@@ -49,6 +51,12 @@ class BodyTooLarge(InvalidInput):
     """The request body is larger than ``RAG_MAX_BODY_BYTES``."""
 
     error_type = "body_too_large"
+
+
+class UnknownModel(InvalidInput):
+    """A request named a rerank model the service does not serve (the message lists the served names)."""
+
+    error_type = "unknown_model"
 
 
 class ConfigError(RagError):
@@ -122,6 +130,12 @@ class RerankerError(ModelError):
     """Stage 2 failed (model error, Cohere API error or timeout)."""
 
     error_type = "reranker_error"
+
+
+class ModelUnavailable(RerankerError):
+    """One served rerank model could not be loaded; the others keep serving, and a later request retries."""
+
+    error_type = "model_unavailable"
 
 
 class ServiceError(RagError):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rag.validation import SEARCH_MODES, SearchMode, validate_collection_name
@@ -35,10 +35,12 @@ if TYPE_CHECKING:  # defined in rag.stages, which builds them from Settings (see
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
     "DEFAULT_RERANK_MODEL",
+    "MODEL_NAME_RE",
     "SEARCH_MODES",
     "SECRETS",
     "STAGES",
     "EmbedderConfig",
+    "RerankModel",
     "RerankerConfig",
     "SearchConfig",
     "SearchMode",
@@ -48,6 +50,7 @@ __all__ = [
     "field_stages",
     "get_settings",
     "local_reason",
+    "pick_rerank_model",
     "redact_url",
     "split_urls",
 ]
@@ -64,6 +67,82 @@ Screen = Literal["auto", "fp32", "bf16", "int8"]
 Aggregation = Literal["max", "mean", "first"]
 
 STAGES = ("embedder", "store", "reranker", "search")
+MODEL_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+
+
+class RerankModel(BaseModel):
+    """One served rerank model: an entry of ``rerank_models`` (``RAG_RERANK_MODELS``, a JSON list, or a
+    Serve config's ``args.rerank_models``). Unset fields keep the reranker settings' values; ``settings``
+    sets any other reranker setting for this model alone (``{"rerank_dtype": "float32"}``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(
+        pattern=MODEL_NAME_RE,
+        description="What requests name: `model` on the rerank routes, `rerank_model` on /search.",
+    )
+    model: str | None = Field(
+        None,
+        description="HF id or local folder (cross-encoder, llm), or Cohere's model name (cohere). "
+        "Unset: rerank_model (cohere_model for cohere).",
+    )
+    backend: RerankerBackend = Field("cross-encoder", description="The backend that scores with it.")
+    runtime: Runtime | None = Field(None, description="rerank_runtime for this model.")
+    max_length: int | None = Field(None, ge=8, description="rerank_max_length for this model.")
+    batch_size: int | None = Field(None, ge=1, description="rerank_batch_size for this model.")
+    token_budget: int | None = Field(None, ge=512, description="rerank_token_budget for this model.")
+    instruction: str | None = Field(
+        None, max_length=4096, description="llm backend: the instruction used when a request sends none."
+    )
+    default: bool = Field(False, description="Used when a request names no model (exactly one is).")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="Other reranker settings for this model, by Settings field name."
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        """The reranker settings this entry sets (Settings field name -> value)."""
+        named = {
+            "reranker": self.backend,
+            "cohere_model" if self.backend == "cohere" else "rerank_model": self.model,
+            "rerank_runtime": self.runtime,
+            "rerank_max_length": self.max_length,
+            "rerank_batch_size": self.batch_size,
+            "rerank_token_budget": self.token_budget,
+        }
+        return {**{k: v for k, v in named.items() if v is not None}, **self.settings}
+
+
+def check_rerank_models(models: list[RerankModel]) -> None:
+    """Unique names and exactly one default (a single entry is the default without saying so)."""
+    names = [m.name for m in models]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"rerank_models: the names {repeated} repeat; give every model its own name")
+    defaults = [m.name for m in models if m.default]
+    if len(models) > 1 and len(defaults) != 1:
+        got = f"{len(defaults)} are ({defaults})" if defaults else "none is"
+        raise ValueError(
+            f'rerank_models: exactly one model must be "default": true, {got}; mark the one that requests '
+            "without a model get"
+        )
+
+
+def pick_rerank_model(models: list[RerankModel], name: str | None) -> str:
+    """The served model a request's ``name`` selects: the default when None; "" when ``rerank_models`` is
+    unset (one model, whatever a request names: the behaviour before several models). An unknown name is a
+    422 (``UnknownModel``) that lists the served names."""
+    from rag.errors import UnknownModel
+
+    if not models:
+        return ""
+    if name is None or name == "":
+        return next((m.name for m in models if m.default), models[0].name)
+    if any(m.name == name for m in models):
+        return name
+    served = ", ".join(m.name for m in models)
+    raise UnknownModel(
+        f"unknown rerank model {name!r}: this service serves {served} (GET /v1/models lists them); "
+        "name one of them, or leave the model out for the default"
+    )
 
 
 def _f(default: Any, *stages: str, local: str | None = None, **kw: Any) -> Any:
@@ -193,6 +272,22 @@ class Settings(BaseSettings):
     embed_batch_size: int = _f(64, "embedder", ge=1, description="Texts per forward pass (plain path).")
 
     reranker: RerankerBackend = _f("cross-encoder", "reranker", description="Stage-2 backend.")
+    rerank_models: list[RerankModel] = _f(
+        [],
+        "reranker",
+        "search",  # the ingress resolves a request's model name (422 for an unknown one)
+        description="Several rerank models served at once (JSON list of {name, model, backend, runtime, "
+        "max_length, batch_size, token_budget, instruction, default, settings}), chosen per request by "
+        "`model` (`rerank_model` on /search). Unset: one model from the reranker settings, and a "
+        "request's model name is ignored (docs/serving.md: several models).",
+    )
+    rerank_models_per_replica: int = _f(
+        2,
+        "reranker",
+        ge=1,
+        description="Models one Reranker replica holds loaded at most (Ray Serve multiplexing): loading "
+        "another evicts the least recently used. Bounded by the replica's memory (docs/serving.md).",
+    )
     rerank_model: str = _f(DEFAULT_RERANK_MODEL, "reranker", description="HF id or local folder.")
     rerank_device: Device = _f("auto", "reranker")
     rerank_dtype: DType = _f("auto", "reranker")
@@ -358,6 +453,14 @@ class Settings(BaseSettings):
         description="The service rag.client talks to when no URL is passed (unset: "
         "http://<serve_host>:<serve_port>, where `rag serve` listens).",
     )
+
+    @model_validator(mode="after")
+    def _served_models(self) -> Settings:
+        """rerank_models: unique names, one default, and each entry a valid reranker configuration."""
+        check_rerank_models(self.rerank_models)
+        if self.rerank_models:
+            self.slice("reranker").model_configs()  # each entry's settings, checked now
+        return self
 
     @field_validator("collection")
     @classmethod

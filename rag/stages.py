@@ -24,11 +24,13 @@ from rag.settings import (
     DType,
     LexicalIndexKind,
     RerankerBackend,
+    RerankModel,
     Runtime,
     Screen,
     SearchMode,
     Settings,
     field_stages,
+    pick_rerank_model,
     redact_url,
     split_urls,
 )
@@ -173,6 +175,8 @@ class RerankerConfig(ModelStage):
 
     stage: ClassVar[str] = "reranker"
     reranker: RerankerBackend = _same("reranker")
+    rerank_models: list[RerankModel] = _same("rerank_models")
+    rerank_models_per_replica: int = _same("rerank_models_per_replica")
     rerank_model: str = _same("rerank_model")
     rerank_device: Device = _same("rerank_device")
     rerank_dtype: DType = _same("rerank_dtype")
@@ -201,6 +205,41 @@ class RerankerConfig(ModelStage):
     cohere_timeout_s: float = _same("cohere_timeout_s")
     cohere_max_retries: int = _same("cohere_max_retries")
 
+    def served_models(self) -> list[RerankModel]:
+        """The served rerank models: ``rerank_models``, or else the one model these settings describe (the
+        default, named after its model; requests' model names are then ignored)."""
+        if self.rerank_models:
+            return list(self.rerank_models)
+        name = {"cohere": self.cohere_model, "none": "none"}.get(self.reranker, self.rerank_model)
+        # not validated: a local path is a fine name here, since nobody routes by it
+        return [RerankModel.model_construct(name=name, backend=self.reranker, default=True)]
+
+    @property
+    def default_model(self) -> str:
+        """The name of the model a request without one gets."""
+        models = self.served_models()
+        return next((m.name for m in models if m.default), models[0].name)
+
+    def model_configs(self) -> dict[str, RerankerConfig]:
+        """Each served model's own configuration: these settings with its entry's overrides."""
+        return {m.name: self.for_model(m) for m in self.served_models()}
+
+    def for_model(self, entry: RerankModel) -> RerankerConfig:
+        """This configuration with ``entry``'s settings applied (what ``make_reranker`` gets for it)."""
+        over = entry.overrides()
+        fields = type(self).model_fields
+        unknown = sorted(set(over) - set(fields))
+        if unknown:
+            known = sorted(n for n in fields if n.startswith(("rerank_", "cohere_")) and n != "rerank_models")
+            raise ValueError(
+                f"rerank model {entry.name!r}: {unknown} are not reranker settings; its settings may set "
+                f"{known}"
+            )
+        try:
+            return type(self).model_validate({**self.model_dump(), **over, "rerank_models": []})
+        except ValueError as e:  # pydantic's ValidationError: say which entry
+            raise ValueError(f"rerank model {entry.name!r}: {e}") from None
+
 
 class SearchConfig(StageConfig):
     """What the Ingress (and the library's search policy) uses of Settings."""
@@ -208,6 +247,7 @@ class SearchConfig(StageConfig):
     stage: ClassVar[str] = "search"
     collection: str = _same("collection")
     rerank_max_tokens_per_doc: int = _same("rerank_max_tokens_per_doc")
+    rerank_models: list[RerankModel] = _same("rerank_models")
     fetch_k: int = _same("fetch_k")
     search_mode: SearchMode = _same("search_mode")
     top_k: int = _same("top_k")
@@ -224,6 +264,11 @@ class SearchConfig(StageConfig):
     retrieve_timeout_s: float = _same("retrieve_timeout_s")
     ready_timeout_s: float = _same("ready_timeout_s")
     api_keys: SecretStr | None = _same("api_keys")
+
+    def pick_model(self, name: str | None) -> str:
+        """The served model a request's ``name`` selects ("" when ``rerank_models`` is unset: the Reranker's
+        one model); an unknown name is a 422 listing the served names."""
+        return pick_rerank_model(self.rerank_models, name)
 
     def api_key_list(self) -> list[str]:
         """The configured API keys (empty: authentication is off)."""

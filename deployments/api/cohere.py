@@ -13,7 +13,15 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from deployments._schemas import DOCS_DESCRIPTION, MAX_TOKENS_DESCRIPTION, DocumentIn, Integer, Span
+from deployments._schemas import (
+    DOCS_DESCRIPTION,
+    INSTRUCTION_DESCRIPTION,
+    MAX_TOKENS_DESCRIPTION,
+    MODEL_DESCRIPTION,
+    DocumentIn,
+    Integer,
+    Span,
+)
 from deployments._service import RerankReply
 from deployments.api.common import Documents, Service, order, usage_headers
 from deployments.api.errors import ERRORS
@@ -27,12 +35,13 @@ class CohereRerankRequest(BaseModel):
     """Cohere Rerank v2 request (``cohere.ClientV2.rerank``). Unknown fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-    model: StrictStr | None = Field(None, description="Accepted for compatibility; the served model is used.")
+    model: StrictStr | None = Field(None, description=MODEL_DESCRIPTION)
     query: StrictStr
     documents: list[DocumentIn] = Field(description=DOCS_DESCRIPTION)
     top_n: Integer | None = Field(None, description="Results to return (default: all).")
     max_tokens_per_doc: Integer | None = Field(None, description=MAX_TOKENS_DESCRIPTION)
     return_documents: StrictBool = Field(False, description="Return each result's text as `document.text`.")
+    instruction: StrictStr | None = Field(None, description=INSTRUCTION_DESCRIPTION)
 
 
 class RerankDocumentOut(BaseModel):
@@ -109,7 +118,12 @@ async def cohere_rerank_v2(
     `{id?, text}` objects; long documents are split (`max_tokens_per_doc`); usage in `meta`, headers."""
     docs = Documents.parse(req.documents)
     reply = await service.rerank_documents(
-        req.query, docs.texts, top_n=req.top_n, max_tokens_per_doc=req.max_tokens_per_doc
+        req.query,
+        docs.texts,
+        top_n=req.top_n,
+        max_tokens_per_doc=req.max_tokens_per_doc,
+        model=req.model,
+        instruction=req.instruction,
     )
     usage_headers(response, reply)
     return CohereRerankResponse.build(req, docs, reply)

@@ -12,7 +12,14 @@ import uuid
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from deployments._schemas import DOCS_DESCRIPTION, MAX_TOKENS_DESCRIPTION, DocumentIn, Integer
+from deployments._schemas import (
+    DOCS_DESCRIPTION,
+    INSTRUCTION_DESCRIPTION,
+    MAX_TOKENS_DESCRIPTION,
+    MODEL_DESCRIPTION,
+    DocumentIn,
+    Integer,
+)
 from deployments._service import RerankReply
 from deployments.api.cohere import CohereRerankResponse, CohereResult, cohere_meta
 from deployments.api.common import Documents, Service, usage_headers
@@ -28,7 +35,7 @@ class CohereV1RerankRequest(BaseModel):
     (``POST /v1/rerank`` of api.jina.ai and vLLM; LlamaIndex's and LangChain's JinaRerank) requests."""
 
     model_config = ConfigDict(extra="allow")
-    model: StrictStr | None = None
+    model: StrictStr | None = Field(None, description=MODEL_DESCRIPTION)
     query: StrictStr
     documents: list[DocumentIn] = Field(description=DOCS_DESCRIPTION)
     top_n: Integer | None = None
@@ -39,6 +46,7 @@ class CohereV1RerankRequest(BaseModel):
     )
     rank_fields: list[StrictStr] | None = None
     max_tokens_per_doc: Integer | None = Field(None, description=MAX_TOKENS_DESCRIPTION)
+    instruction: StrictStr | None = Field(None, description=INSTRUCTION_DESCRIPTION)
 
     @property
     def text_field(self) -> str:
@@ -75,7 +83,12 @@ async def rerank_v1(req: CohereV1RerankRequest, response: Response, service: Ser
     LangChain's JinaRerank, vLLM's shape): one body carries both (`id`, `meta`; `model`, `usage`)."""
     docs = Documents.parse(req.documents, req.text_field)
     reply = await service.rerank_documents(
-        req.query, docs.texts, top_n=req.top_n, max_tokens_per_doc=req.max_tokens_per_doc
+        req.query,
+        docs.texts,
+        top_n=req.top_n,
+        max_tokens_per_doc=req.max_tokens_per_doc,
+        model=req.model,
+        instruction=req.instruction,
     )
     usage_headers(response, reply)
     return V1RerankResponse.build_v1(req, docs, reply)

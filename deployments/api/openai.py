@@ -1,4 +1,5 @@
-"""OpenAI embeddings: ``POST /v1/embeddings`` (``openai.OpenAI(base_url=".../v1").embeddings.create``).
+"""OpenAI: ``POST /v1/embeddings`` (``openai.OpenAI(base_url=".../v1").embeddings.create``) and
+``GET /v1/models`` (``client.models.list()``): the served rerank models.
 
 ``input`` is a text or a list (not token ids); ``encoding_format`` float or base64 (little-endian float32
 bytes, as OpenAI sends them); ``usage`` counts the embedder's tokens. ``dimensions`` must be the model's:
@@ -8,6 +9,7 @@ the served model cannot shorten its vectors.
 from __future__ import annotations
 
 import base64
+import time
 from typing import Literal
 
 import numpy as np
@@ -19,7 +21,13 @@ from deployments._service import EmbedReply
 from deployments.api.common import Service
 from deployments.api.errors import ERRORS
 
-__all__ = ["OpenAIEmbeddingsRequest", "OpenAIEmbeddingsResponse", "openai_embeddings"]
+__all__ = [
+    "ModelList",
+    "OpenAIEmbeddingsRequest",
+    "OpenAIEmbeddingsResponse",
+    "list_models",
+    "openai_embeddings",
+]
 
 router = APIRouter()
 
@@ -73,3 +81,57 @@ async def openai_embeddings(req: OpenAIEmbeddingsRequest, service: Service) -> O
     list, `encoding_format` float or base64 (little-endian float32); `usage` in embedder tokens."""
     reply = await service.embed_with_usage(req.texts, dimensions=req.dimensions)
     return OpenAIEmbeddingsResponse.build(req, reply)
+
+
+class ServedModel(BaseModel):
+    """One served rerank model in OpenAI's list shape (``id``, ``object``, ``created``, ``owned_by``), with
+    what this service adds: its backend, the model it loads, whether it is the default, and whether the
+    Reranker replica that answered holds it loaded now."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(description="The name requests use (`model`; `rerank_model` on /search).")
+    object: Literal["model"] = "model"
+    created: int = Field(description="When this service started (Unix seconds): OpenAI's field.")
+    owned_by: str = "rag-serve"
+    backend: str
+    model: str | None = Field(description="HF id or folder (Cohere's model name for backend cohere).")
+    default: bool
+    loaded: bool = Field(description="Held loaded by the Reranker replica that answered.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ServedModel]
+    replica: str | None = Field(None, description="The Reranker replica that answered.")
+    loaded_models: list[str] = Field(default_factory=list, description="The models that replica holds.")
+    models_per_replica: int | None = Field(
+        None, description="rerank_models_per_replica: models one replica holds at most (LRU beyond)."
+    )
+
+
+_STARTED = int(time.time())
+
+
+@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=ERRORS)
+async def list_models(service: Service) -> ModelList:
+    """The served rerank models in OpenAI's list shape (`client.models.list()`), each with its backend,
+    model, whether it is the default, and whether the answering Reranker replica holds it loaded."""
+    got = await service.models()
+    data = [
+        ServedModel(
+            id=m["name"],
+            created=_STARTED,
+            backend=m["backend"],
+            model=m.get("model"),
+            default=m["default"],
+            loaded=m["loaded"],
+            **({"instruction": m["instruction"]} if "instruction" in m else {}),
+        )
+        for m in got["models"]
+    ]
+    return ModelList(
+        data=data,
+        replica=got["replica"],
+        loaded_models=got["loaded_models"],
+        models_per_replica=got["models_per_replica"],
+    )

@@ -18,8 +18,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from deployments._schemas import ErrorBody, Integer, ModelCard
-from deployments._service import SearchReply
+from deployments._schemas import INSTRUCTION_DESCRIPTION, ErrorBody, Integer, ModelCard
+from deployments._service import RerankChoice, SearchReply
 from deployments.api.common import Service
 from deployments.api.errors import ERRORS, error_response
 from rag.search import Dense
@@ -55,6 +55,16 @@ class SearchRequest(BaseModel):
         "pg_textsearch) or hybrid (both, fused by RRF). Default: the service's RAG_SEARCH_MODE (hybrid); "
         "timings_ms.strategy says what ran.",
     )
+    rerank_model: StrictStr | None = Field(
+        None,
+        description="The served rerank model for stage 2 (GET /v1/models lists them; unset: the default). "
+        "An unknown name is a 422 listing the served names.",
+    )
+    instruction: StrictStr | None = Field(None, description=INSTRUCTION_DESCRIPTION)
+
+    def choice(self, service: Service) -> RerankChoice:
+        """The rerank model and instruction, validated (422 before any stage)."""
+        return service.rerank_choice(self.rerank_model, self.instruction)
 
     def validated(self, service: Service) -> PolicyRequest:
         """The policy's request: validated, defaults applied, the filter parsed (422 before any stage)."""
@@ -136,7 +146,8 @@ class SearchResponse(BaseModel):
 @router.post("/search", response_model=SearchResponse, responses=ERRORS)
 async def search(req: SearchRequest, service: Service) -> SearchResponse:
     """Both stages: `fetch_k` dense candidates, reranked, best `top_k`; per-stage timings."""
-    return SearchResponse.build(await service.search(req.validated(service)))
+    choice = req.choice(service)
+    return SearchResponse.build(await service.search(req.validated(service), choice=choice))
 
 
 def _sse(event: str, data: Any) -> str:
@@ -146,13 +157,13 @@ def _sse(event: str, data: Any) -> str:
 @router.post("/search/stream", responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
 async def search_stream(req: SearchRequest, service: Service) -> StreamingResponse:
     """Server-Sent Events: `dense` (stage-1 top_k) as soon as it is known, `reranked`, then `done`."""
-    r = req.validated(service)
+    r, choice = req.validated(service), req.choice(service)
     dense: asyncio.Future[Dense] = asyncio.get_running_loop().create_future()
 
     async def on_dense(d: Dense) -> None:
         dense.set_result(d)
 
-    task = asyncio.create_task(service.search(r, on_dense))
+    task = asyncio.create_task(service.search(r, on_dense, choice))
     await asyncio.wait({task, dense}, return_when=asyncio.FIRST_COMPLETED)
     if not dense.done():  # stage 1 failed: the error gets its proper status, before any event
         dense.cancel()

@@ -7,17 +7,23 @@ first window only; unset, long texts are split into windows. ``/embed``: one tex
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from deployments._schemas import MAX_TOKENS_DESCRIPTION, Integer, Span
+from deployments._schemas import (
+    INSTRUCTION_DESCRIPTION,
+    MAX_TOKENS_DESCRIPTION,
+    MODEL_DESCRIPTION,
+    Integer,
+    Span,
+)
 from deployments._service import RerankReply, logit
 from deployments.api.common import Service, order, usage_headers
 from deployments.api.errors import ERRORS
 
-__all__ = ["EmbedRequest", "TEIRank", "TEIRerankRequest", "embed", "tei_rerank"]
+__all__ = ["MODEL_HEADER", "EmbedRequest", "TEIRank", "TEIRerankRequest", "embed", "tei_rerank"]
 
 router = APIRouter()
 
@@ -37,6 +43,15 @@ class TEIRerankRequest(BaseModel):
     )
     truncation_direction: Literal["Left", "Right", "left", "right"] | None = None
     max_tokens_per_doc: Integer | None = Field(None, description=MAX_TOKENS_DESCRIPTION)
+    instruction: StrictStr | None = Field(None, description=INSTRUCTION_DESCRIPTION)
+
+
+# TEI's body has no model field (one TEI serves one model): the model goes in this header.
+MODEL_HEADER = "X-Rerank-Model"
+ModelHeader = Annotated[
+    str | None,
+    Header(alias=MODEL_HEADER, description=f"{MODEL_DESCRIPTION} (TEI's body has no model field.)"),
+]
 
 
 class TEIRank(BaseModel):
@@ -73,11 +88,20 @@ class EmbedRequest(BaseModel):
 
 
 @router.post("/rerank", response_model=list[TEIRank], response_model_exclude_none=True, responses=ERRORS)
-async def tei_rerank(req: TEIRerankRequest, response: Response, service: Service) -> list[TEIRank]:
+async def tei_rerank(
+    req: TEIRerankRequest, response: Response, service: Service, model: ModelHeader = None
+) -> list[TEIRank]:
     """TEI rerank: `{query, texts}` -> `[{index, score}]`, best first; TEI's usage headers.
-    `truncate: false` is TEI's 422 for a text that does not fit; unset, long texts are split."""
+    `truncate: false` is TEI's 422 for a text that does not fit; unset, long texts are split. The model:
+    the `X-Rerank-Model` header (unset: the default)."""
     reply = await service.rerank_documents(
-        req.query, req.texts, max_tokens_per_doc=req.max_tokens_per_doc, truncate=req.truncate, field="texts"
+        req.query,
+        req.texts,
+        max_tokens_per_doc=req.max_tokens_per_doc,
+        truncate=req.truncate,
+        field="texts",
+        model=model,
+        instruction=req.instruction,
     )
     usage_headers(response, reply)
     return TEIRank.ranked(req, reply)
