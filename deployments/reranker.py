@@ -149,6 +149,7 @@ class Reranker:
             "loads": dict(pool.loads),
             "load_s": {n: round(x.load_s, 4) for n, x in pool.loaded.items()},
             "pending_pairs": pool.pending_pairs(),
+            "rss_bytes": _rss_bytes(),
             "user_config": self._cfg.model_dump(),
         }
         engine = pool.peek(model or pool.default)
@@ -178,6 +179,16 @@ class Reranker:
         scored over every model it holds, what ``deployments.autoscaling.PendingPairsPolicy`` scales on
         (``PENDING_PAIRS``)."""
         return {PENDING_PAIRS: float(self.pool.pending_pairs())}
+
+
+def _rss_bytes() -> int | None:
+    """This replica's resident memory (what the models it holds cost; docs/serving.md)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # psutil comes with ray[serve]; no verdict without it
+        return None
 
 
 def _replica_id() -> str | None:

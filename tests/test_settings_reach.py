@@ -78,6 +78,9 @@ NON_DEFAULT: dict[str, Any] = {
     "cohere_model": "rerank-test",
     "cohere_timeout_s": 3.0,
     "cohere_max_retries": 1,
+    # one named model (the reranker settings' model): requests may name it, an unknown name is a 422
+    "rerank_models": [{"name": "reach-model", "default": True, "settings": {"rerank_refine_top": 3}}],
+    "rerank_models_per_replica": 3,
     # search
     "fetch_k": 30,
     "search_mode": "dense",
@@ -207,6 +210,10 @@ def _expected(name: str, value: Any) -> Any:
         from rag.settings import redact_url
 
         return redact_url(value)
+    if name == "rerank_models":  # /info shows each entry with every field
+        from rag.settings import RerankModel
+
+        return [RerankModel.model_validate(m).model_dump(mode="json") for m in value]
     return value
 
 
