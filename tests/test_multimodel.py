@@ -27,7 +27,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from helpers import cpu_app_config, free_port, ingest_demo, ray_cluster, wait_ready
 
 pytestmark = pytest.mark.serve
@@ -183,7 +182,9 @@ def library_scores(live, state_dir) -> dict[str, list[float]]:
             if entry.name == BROKEN:
                 continue
             c = cfg.for_model(entry)
-            out[entry.name] = RerankEngine(make_reranker(c), c).rerank_sync(QUERY, DOCS, RerankOptions()).scores
+            out[entry.name] = (
+                RerankEngine(make_reranker(c), c).rerank_sync(QUERY, DOCS, RerankOptions()).scores
+            )
     return out
 
 

@@ -370,6 +370,43 @@ def test_error_and_skip_counters_read_zero_before_the_first_error(prometheus):
         time.sleep(2)
 
 
+# What a dashboard panel reads that cannot exist before the first event, and why: a histogram has no
+# observation to export until one happens (Ray offers no empty histogram), and Ray Serve's own series appear
+# with Serve's own activity. Every counter and gauge of ours that a panel reads exists from start-up.
+FIRST_EVENT = {
+    "histogram": "a Ray histogram is exported from its first observation",
+    "ray": "Ray Serve's built-in series are Ray's, exported from Serve's first activity of their kind",
+}
+
+
+def _dashboard_series() -> dict[str, str]:
+    """Every exported series a dashboard panel reads -> the metric it belongs to."""
+    read = {n for _, t in panel_targets(dashboard()) for n in metric_names(t["expr"])}
+    return {s: name for name in [*METRICS, *RAY_SERVE_METRICS] for s in exported_series(name) if s in read}
+
+
+@pytest.mark.serve
+def test_every_counter_and_gauge_the_dashboard_reads_exists_before_any_traffic(prometheus):
+    """Runs before the traffic fixture: on a fresh app, each of our counters and gauges that a panel reads
+    has series in Prometheus, for each served model where it has a model label (the score cache counters
+    read 0, not "No data", before the first hit)."""
+    want = {
+        s: name
+        for s, name in _dashboard_series().items()
+        if name in METRICS and METRICS[name][0] in ("counter", "gauge")
+    }
+    assert "ray_rag_rerank_cache_hits_total" in want and "ray_rag_rerank_model_loads_total" in want
+    deadline = time.monotonic() + 90
+    while missing := [s for s in want if not prometheus.query(f'count({s}{{application="{OBS_APP}"}})')]:
+        assert time.monotonic() < deadline, f"absent on a fresh app (a panel would read No data): {missing}"
+        time.sleep(2)
+    hits = prometheus.query(f'sum by (model) (ray_rag_rerank_cache_hits_total{{application="{OBS_APP}"}})')
+    assert hits and all(float(r["value"][1]) == 0 and r["metric"].get("model") for r in hits), hits
+    others = {n for n in _dashboard_series().values() if n not in want.values()}
+    kinds = {n: (METRICS[n][0] if n in METRICS else "ray") for n in others}
+    assert all(k in FIRST_EVENT for k in kinds.values()), kinds
+
+
 @pytest.fixture(scope="module")
 def traffic(obs_app, prometheus) -> Traffic:
     """Every path once or more: reranked (sequential and concurrent, so batches merge requests), rerank

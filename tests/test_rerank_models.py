@@ -95,7 +95,9 @@ def test_every_counter_a_dashboard_queries_exists_from_start_up():
     """The counters the dashboard reads are created at 0 at start-up (the Ingress's zero_series, every
     Reranker replica's model_zero_series for each served model), so no panel reads "No data" before its
     first event. Their presence in a live Prometheus is checked in tests/test_observability.py."""
-    queried = {n for p in dashboard()["panels"] for t in p.get("targets", ()) for n in metric_names(t["expr"])}
+    queried = {
+        n for p in dashboard()["panels"] for t in p.get("targets", ()) for n in metric_names(t["expr"])
+    }
     counters = {n for n, (kind, *_) in METRICS.items() if kind == "counter"}
     queried_counters = {n for n in counters if f"ray_{n}" in queried}
     at_zero = set(zero_series()) | set(model_zero_series(["m"]))

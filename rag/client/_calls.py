@@ -46,6 +46,8 @@ def search(
     collection: str | None = None,
     filter: dict[str, Any] | None = None,
     mode: str | None = None,
+    rerank_model: str | None = None,
+    instruction: str | None = None,
     stream: bool = False,
 ) -> Call:
     """``POST /search`` (or ``/search/stream``); unset values are left to the service's defaults."""
@@ -57,6 +59,8 @@ def search(
         "collection": collection,
         "filter": filter,
         "mode": mode,
+        "rerank_model": rerank_model,
+        "instruction": instruction,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     return Call("POST", "/search/stream" if stream else "/search", body, stream=stream)
@@ -68,9 +72,16 @@ def rerank(
     *,
     top_n: int | None = None,
     max_tokens_per_doc: int | None = None,
+    model: str | None = None,
+    instruction: str | None = None,
 ) -> Call:
-    """``POST /v2/rerank`` (Cohere v2's shape): documents are strings or ``{"id", "text"}`` objects."""
+    """``POST /v2/rerank`` (Cohere v2's shape): documents are strings or ``{"id", "text"}`` objects;
+    ``model`` a served rerank model (unset: the default)."""
     body: dict[str, Any] = {"query": query, "documents": list(documents)}
+    if model is not None:
+        body["model"] = model
+    if instruction is not None:
+        body["instruction"] = instruction
     if top_n is not None:
         body["top_n"] = top_n
     if max_tokens_per_doc is not None:

@@ -132,11 +132,14 @@ class Client(_Base):
         collection: str | None = None,
         filter: Filter | None = None,
         mode: Mode | None = None,
+        rerank_model: str | None = None,
+        instruction: str | None = None,
     ) -> SearchAnswer:
         """``POST /search``: both stages, the timings, and whether (and why not) stage 2 ran. Unset values
         take the service's defaults; ``mode`` (dense | lexical | hybrid) is sent only when given."""
         call = _calls.search(query, fetch_k=fetch_k, top_k=top_k, rerank=rerank, budget_ms=budget_ms,
-                             collection=collection, filter=filter, mode=mode)  # fmt: skip
+                             collection=collection, filter=filter, mode=mode, rerank_model=rerank_model,
+                             instruction=instruction)  # fmt: skip
         return _calls.read_search(self._call(call))
 
     def retrieve_and_rerank(
@@ -149,11 +152,14 @@ class Client(_Base):
         filter: Filter | None = None,
         budget_ms: float | None = None,
         mode: Mode | None = None,
+        rerank_model: str | None = None,
+        instruction: str | None = None,
     ) -> list[dict[str, Any]]:
         """``rag.pipeline.retrieve_and_rerank`` over HTTP: ``fetch_k`` candidates, reranked, the best
         ``top_k``."""
         return self.search(query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter,
-                           budget_ms=budget_ms, mode=mode).results  # fmt: skip
+                           budget_ms=budget_ms, mode=mode, rerank_model=rerank_model,
+                           instruction=instruction).results  # fmt: skip
 
     def retrieve(
         self,
@@ -179,12 +185,15 @@ class Client(_Base):
         collection: str | None = None,
         filter: Filter | None = None,
         mode: Mode | None = None,
+        rerank_model: str | None = None,
+        instruction: str | None = None,
     ) -> Iterator[StreamEvent]:
         """``POST /search/stream``: a ``DenseEvent`` as soon as stage 1 is done, a ``RerankedEvent``, a
         ``DoneEvent``. The request goes out at the first ``next()``; it is retried only until the stream
         starts. Breaking out of the loop closes the connection."""
         call = _calls.search(query, fetch_k=fetch_k, top_k=top_k, rerank=rerank, budget_ms=budget_ms,
-                             collection=collection, filter=filter, mode=mode, stream=True)  # fmt: skip
+                             collection=collection, filter=filter, mode=mode, rerank_model=rerank_model,
+                             instruction=instruction, stream=True)  # fmt: skip
         response = self._call(call)
         decoder = SSEDecoder()
         try:
@@ -203,10 +212,13 @@ class Client(_Base):
         *,
         top_n: int | None = None,
         max_tokens_per_doc: int | None = None,
+        model: str | None = None,
+        instruction: str | None = None,
     ) -> list[RerankResult]:
         """Score ``documents`` (strings or ``{"id", "text"}``) against ``query``; best first, ``top_n`` of
         them. Long documents are split into windows (``max_tokens_per_doc``); ``span`` says which won."""
-        call = _calls.rerank(query, documents, top_n=top_n, max_tokens_per_doc=max_tokens_per_doc)
+        call = _calls.rerank(query, documents, top_n=top_n, max_tokens_per_doc=max_tokens_per_doc,
+                             model=model, instruction=instruction)  # fmt: skip
         return _calls.read_rerank(self._call(call))
 
     def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
@@ -289,10 +301,13 @@ class AsyncClient(_Base):
         collection: str | None = None,
         filter: Filter | None = None,
         mode: Mode | None = None,
+        rerank_model: str | None = None,
+        instruction: str | None = None,
     ) -> SearchAnswer:
         """See ``Client.search``."""
         call = _calls.search(query, fetch_k=fetch_k, top_k=top_k, rerank=rerank, budget_ms=budget_ms,
-                             collection=collection, filter=filter, mode=mode)  # fmt: skip
+                             collection=collection, filter=filter, mode=mode, rerank_model=rerank_model,
+                             instruction=instruction)  # fmt: skip
         return _calls.read_search(await self._call(call))
 
     async def retrieve_and_rerank(
@@ -305,10 +320,13 @@ class AsyncClient(_Base):
         filter: Filter | None = None,
         budget_ms: float | None = None,
         mode: Mode | None = None,
+        rerank_model: str | None = None,
+        instruction: str | None = None,
     ) -> list[dict[str, Any]]:
         """See ``Client.retrieve_and_rerank``."""
         return (await self.search(query, fetch_k=fetch_k, top_k=top_k, collection=collection, filter=filter,
-                                  budget_ms=budget_ms, mode=mode)).results  # fmt: skip
+                                  budget_ms=budget_ms, mode=mode, rerank_model=rerank_model,
+                                  instruction=instruction)).results  # fmt: skip
 
     async def retrieve(
         self,
@@ -334,11 +352,14 @@ class AsyncClient(_Base):
         collection: str | None = None,
         filter: Filter | None = None,
         mode: Mode | None = None,
+        rerank_model: str | None = None,
+        instruction: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """See ``Client.search_stream``; leave the loop early with ``contextlib.aclosing`` around it so the
         connection closes at once."""
         call = _calls.search(query, fetch_k=fetch_k, top_k=top_k, rerank=rerank, budget_ms=budget_ms,
-                             collection=collection, filter=filter, mode=mode, stream=True)  # fmt: skip
+                             collection=collection, filter=filter, mode=mode, rerank_model=rerank_model,
+                             instruction=instruction, stream=True)  # fmt: skip
         response = await self._call(call)
         decoder = SSEDecoder()
         try:
@@ -357,9 +378,12 @@ class AsyncClient(_Base):
         *,
         top_n: int | None = None,
         max_tokens_per_doc: int | None = None,
+        model: str | None = None,
+        instruction: str | None = None,
     ) -> list[RerankResult]:
         """See ``Client.rerank``."""
-        call = _calls.rerank(query, documents, top_n=top_n, max_tokens_per_doc=max_tokens_per_doc)
+        call = _calls.rerank(query, documents, top_n=top_n, max_tokens_per_doc=max_tokens_per_doc,
+                             model=model, instruction=instruction)  # fmt: skip
         return _calls.read_rerank(await self._call(call))
 
     async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
