@@ -24,6 +24,7 @@ engines live in a dict, without eviction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -175,8 +176,9 @@ class ModelPool:
     def _evicted(self, loaded: Loaded) -> None:
         if self.loaded.get(loaded.name) is loaded:
             del self.loaded[loaded.name]
-            metrics.model_unloaded(loaded.name)
-            log.info("rerank model %r unloaded (least recently used)", loaded.name)
+            with contextlib.suppress(Exception):  # at interpreter exit the metrics may be gone already
+                metrics.model_unloaded(loaded.name)
+                log.info("rerank model %r unloaded", loaded.name)
 
     # -- batches -------------------------------------------------------------------------------------
     def _batcher(self, name: str) -> Any:
