@@ -42,6 +42,7 @@ DOCS = [
     "Join one or more path segments intelligently.",
 ]
 DEFAULT, OTHER, THIRD, BROKEN = "ce-a", "ce-b", "third", "broken"
+FIGURES: dict[str, float] = {}  # printed by the LRU test (docs/BENCHMARKS.md)
 
 
 def _seeded_standin(base: Path, out: Path, seed: int) -> Path:
@@ -202,6 +203,7 @@ def _series(text: str, name: str) -> dict[str, float]:
 
 
 def test_a_fresh_app_has_the_default_loaded_and_every_per_model_counter_at_zero(live):
+    FIGURES["rss_one_model_mb"] = live.stats()["rss_bytes"] / 2**20
     info = live.info()
     assert info["default_model"] == DEFAULT
     assert info["loaded_models"] == [DEFAULT], info["loaded_models"]
@@ -225,6 +227,7 @@ def test_each_request_is_scored_by_the_model_it_named(live, library_scores):
     default = live.scores(live.rerank(None))
     named_default = live.scores(live.rerank(DEFAULT))
     other = live.scores(live.rerank(OTHER))
+    FIGURES["rss_two_models_mb"] = live.stats()["rss_bytes"] / 2**20
     assert default == pytest.approx(library_scores[DEFAULT], abs=1e-5)  # no model: the default
     assert named_default == pytest.approx(library_scores[DEFAULT], abs=1e-5)
     assert other == pytest.approx(library_scores[OTHER], abs=1e-5)
@@ -314,7 +317,9 @@ def test_lru_eviction_at_the_limit_and_load_on_demand(live):
     print(
         f"\n[multimodel] load on demand: {THIRD} {load_s[THIRD]:.2f}s, {OTHER} (reload) {load_s[OTHER]:.2f}s;"
         f" first request to a cold model: {cold_third:.2f}s / {cold_other:.2f}s;"
-        f" warm request (median of 5): {warm_s * 1e3:.0f} ms ({len(DOCS)} documents)"
+        f" warm request (median of 5): {warm_s * 1e3:.0f} ms ({len(DOCS)} documents);"
+        f" replica RSS with 1 model {FIGURES.get('rss_one_model_mb', 0):.0f} MiB,"
+        f" with 2 {FIGURES.get('rss_two_models_mb', 0):.0f} MiB"
     )
     assert cold_third > warm_s and cold_other > warm_s
 
