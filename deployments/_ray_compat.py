@@ -19,6 +19,9 @@ function                          uses                                          
 ``routable_replicas``             a handle's router's replica set                None: no verdict (breakers
                                                                                  then wait for the
                                                                                  controller)
+``multiplexed_models``           a handle's router's replicas' multiplexed      None: /info shows the
+                                  model ids (what each replica reported to the   answering replica's models
+                                  controller it holds)                           only
 ``token_auth_enabled``            ``ray._raylet`` authentication mode            None: "unknown" in a banner
 ``counter_add_zero``              ``Counter._record``                            series appear at first count
 ================================  =============================================  ============================
@@ -36,6 +39,7 @@ __all__ = [
     "counter_add_zero",
     "deploy_config",
     "late_bound_ingress",
+    "multiplexed_models",
     "routable_replicas",
     "shutdown_serve",
     "token_auth_enabled",
@@ -125,6 +129,21 @@ def routable_replicas(handle: object) -> int | None:
         request_router = router._request_router
         return None if request_router is None else len(request_router.curr_replicas)
     except Exception:  # any other layout: no verdict
+        return None
+
+
+def multiplexed_models(handle: object) -> dict[str, list[str]] | None:
+    """Replica id -> the multiplexed model ids it holds, as ``handle``'s router knows them (each replica
+    reports its loaded models to the controller, which tells the routers: Ray 2.60's ``RunningReplica
+    .multiplexed_model_ids``); None where that is unknown (a fake handle, a router not started yet)."""
+    h: Any = handle
+    try:
+        router = h._router._asyncio_router
+        if not router.running_replicas_populated() or router._request_router is None:
+            return None
+        replicas = router._request_router.curr_replicas
+        return {rid.unique_id: sorted(r.multiplexed_model_ids) for rid, r in replicas.items()}
+    except Exception:  # any other layout: unknown
         return None
 
 

@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments._calls import StageCalls, as_rag_error
+from deployments._ray_compat import multiplexed_models
 from deployments._schemas import ModelCard
 from rag.errors import InvalidInput, RagError, StageTimeout, StageUnavailable
 from rag.rerank_engine import RerankResult
@@ -249,6 +250,7 @@ class SearchService(StageCalls):
             "replica": info.get("replica"),
             "loaded_models": info.get("loaded_models", []),
             "models_per_replica": info.get("models_per_replica"),
+            "models_by_replica": multiplexed_models(self.reranker),
         }
 
     # -- embedding routes --------------------------------------------------------------------------
@@ -295,6 +297,8 @@ class SearchService(StageCalls):
         stages: dict[str, Any] = {"search": {"config": self.config.public(), **self._limits()}}
         for name, r in zip(calls, results, strict=True):
             stages[name] = {"error": str(r)} if isinstance(r, BaseException) else r
+        if isinstance(stages["reranker"], dict) and "error" not in stages["reranker"]:
+            stages["reranker"]["models_by_replica"] = multiplexed_models(self.reranker)
         return {"service": _versions(), "stages": stages}
 
     def _limits(self) -> dict[str, Any]:

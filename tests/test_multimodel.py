@@ -310,6 +310,12 @@ def test_lru_eviction_at_the_limit_and_load_on_demand(live):
     warm = [_timed(live, THIRD) for _ in range(5)]
     cold_other = _timed(live, OTHER)  # evicts DEFAULT
     assert live.info()["loaded_models"] == sorted([OTHER, THIRD])
+    deadline = time.monotonic() + 30  # what Serve's router knows, for every replica (each reports its models)
+    while (by_replica := live.info()["models_by_replica"]) is None or list(by_replica.values()) != [
+        sorted([OTHER, THIRD])
+    ]:
+        assert time.monotonic() < deadline, f"the router's view: {by_replica}"
+        time.sleep(0.5)
     st = live.stats()
     assert st["loads"][OTHER] == 2 and st["loads"][THIRD] == 1, st["loads"]
     load_s = st["load_s"]

@@ -51,6 +51,14 @@ def test_routable_replicas_reads_the_routers_replica_set():
     assert compat.routable_replicas(object()) is None  # anything else: no verdict, never "no replica"
 
 
+def test_multiplexed_models_reads_the_routers_replicas():
+    """What multiplexed_models reads (tests/test_multimodel.py reads it through /info on a live app)."""
+    from ray.serve._private.request_router.replica_wrapper import RunningReplica
+
+    assert isinstance(inspect.getattr_static(RunningReplica, "multiplexed_model_ids"), property), MOVED
+    assert compat.multiplexed_models(object()) is None
+
+
 def test_token_auth_mode_is_readable():
     from ray._raylet import AuthenticationMode, get_authentication_mode  # noqa: F401
 

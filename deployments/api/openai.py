@@ -107,6 +107,11 @@ class ModelList(BaseModel):
     models_per_replica: int | None = Field(
         None, description="rerank_models_per_replica: models one replica holds at most (LRU beyond)."
     )
+    models_by_replica: dict[str, list[str]] | None = Field(
+        None,
+        description="Every Reranker replica -> the models it holds, as Serve's router knows them (each "
+        "replica reports its loads and evictions; null until the router has heard).",
+    )
 
 
 _STARTED = int(time.time())
@@ -134,4 +139,5 @@ async def list_models(service: Service) -> ModelList:
         replica=got["replica"],
         loaded_models=got["loaded_models"],
         models_per_replica=got["models_per_replica"],
+        models_by_replica=got["models_by_replica"],
     )
