@@ -155,10 +155,14 @@ class SearchService(StageCalls):
         choice: RerankChoice | None = None,
     ) -> SearchReply:
         choice = choice or RerankChoice()
-        card = await self.reranker_card(choice.model)
+        entry = next((m for m in self.config.rerank_models if m.name == choice.model), None)
+        if entry is not None:  # a named model: its backend is configuration; no call that would load it
+            enabled = entry.backend != "none"
+        else:
+            enabled = (await self.reranker_card()).backend != "none"
         policy = two_stage(
             req,
-            reranker_enabled=card.backend != "none",
+            reranker_enabled=enabled,
             rerank_timeout_s=self.config.rerank_wait_s,
             strict=self.config.strict_rerank,
             latency=self.latency,
@@ -169,6 +173,13 @@ class SearchService(StageCalls):
 
         res = await run_async(policy, do, on_dense)
         self._record(res)
+        if entry is None:
+            card = await self.reranker_card()
+        elif res.reranked:  # the model is loaded now: asking what it is loads nothing
+            card = await self.reranker_card(choice.model)
+        else:  # not reranked (failed to load, skipped): what the configuration says it is
+            said = {"model": entry.model, "backend": entry.backend, "name": entry.name}
+            card = ModelCard.model_validate({"device": None, "dtype": None, "trained": None, **said})
         return SearchReply(req, res, card)
 
     def _record(self, res: SearchResult) -> None:
