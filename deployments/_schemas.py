@@ -155,6 +155,9 @@ def request_limits(config: SearchConfig) -> dict[str, dict[str, Keywords]]:
     top_n = {"integer": {"minimum": 1, "maximum": docs_n}}
     max_tokens = {"integer": {"minimum": 1, "maximum": config.rerank_max_tokens_per_doc}}
     inputs = {"array": {"minItems": 1, "maxItems": config.max_embed_inputs}, **query}
+    instruction = {"string": {**query["string"]}}
+    # the served models' names (when RAG_RERANK_MODELS lists them; else any name is accepted)
+    model = {"string": {"enum": [m.name for m in config.rerank_models]}} if config.rerank_models else {}
     return {
         "SearchRequest": {
             "query": query,
@@ -163,23 +166,30 @@ def request_limits(config: SearchConfig) -> dict[str, dict[str, Keywords]]:
             "budget_ms": {"number": {"exclusiveMinimum": 0}, "integer": {"exclusiveMinimum": 0}},
             "collection": {"string": {"pattern": COLLECTION_RE.pattern}},
             "filter": {"object": _filter_schema()},
+            "rerank_model": model,
+            "instruction": instruction,
         },
         "CohereRerankRequest": {
             "query": query,
             "documents": documents,
             "top_n": top_n,
             "max_tokens_per_doc": max_tokens,
+            "model": model,
+            "instruction": instruction,
         },
         "CohereV1RerankRequest": {
             "query": query,
             "documents": documents,
             "top_n": top_n,
             "max_tokens_per_doc": max_tokens,
+            "model": model,
+            "instruction": instruction,
         },
         "TEIRerankRequest": {
             "query": query,
             "texts": {"array": documents["array"], "string": documents["string"]},
             "max_tokens_per_doc": max_tokens,
+            "instruction": instruction,
         },
         "EmbedRequest": {"inputs": inputs},
         "OpenAIEmbeddingsRequest": {"input": inputs},
