@@ -117,6 +117,18 @@ QUERY_PATTERN = rf"^[^\x00]*[^\x00{_PY_SPACE}][^\x00]*$"
 Keywords = dict[str, dict[str, Any]]  # JSON type ("string", "array", "integer") -> keywords for it
 
 
+def _no_nul_object(depth: int) -> dict[str, Any]:
+    """An object's keywords for JSON without NUL in any key or string (PostgreSQL's jsonb cannot hold one):
+    ``depth`` levels of nesting are described, deeper values left as any JSON."""
+    text = {"type": "string", "pattern": TEXT_PATTERN}
+    scalars: list[dict[str, Any]] = [text, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+    value: dict[str, Any] = {"anyOf": scalars}
+    if depth > 1:
+        nested = {"type": "object", **_no_nul_object(depth - 1)}
+        value = {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}}, nested]}
+    return {"propertyNames": {"pattern": TEXT_PATTERN}, "additionalProperties": value}
+
+
 def _filter_schema() -> dict[str, Any]:
     """The filter grammar of rag/store/filters.py (parse_filter enforces it) as JSON Schema."""
     from rag.store.filters import MAX_IN_VALUES, MAX_VALUE_CHARS
@@ -133,7 +145,11 @@ def _filter_schema() -> dict[str, Any]:
         "properties": {
             "source": {"anyOf": [text, op("in", values), op("prefix", text)]},
             "doc_id": {"anyOf": [text, op("in", values)]},
-            "metadata": {"type": "object", "description": "Contained in the chunk's metadata (jsonb @>)."},
+            "metadata": {
+                "type": "object",
+                "description": "Contained in the chunk's metadata (jsonb @>).",
+                **_no_nul_object(depth=2),
+            },
         },
         "additionalProperties": False,
     }
