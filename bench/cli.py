@@ -261,6 +261,38 @@ def fusion(
 
 
 @app.command()
+def cost(
+    dataset: DatasetOpt = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", "-c", help="Collection [the dataset folder's name].")
+    ] = None,
+    queries: Annotated[int, typer.Option(help="Queries embedded and searched (of the dataset's).")] = 200,
+    rerank_queries: Annotated[int, typer.Option(help="Of those, queries whose candidates are reranked.")] = 5,
+    fetch_k: Annotated[int, typer.Option(help="Stage-1 candidates (and pairs reranked per query).")] = 100,
+    mode: Annotated[str, typer.Option(help="Stage-1 mode: dense, lexical or hybrid.")] = "dense",
+    as_json: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """CPU time per search of each stage (embed, retrieve on both sides of the connection, rerank), and the
+    searches/s per core it gives: the figures docs/scaling.md sizes a cluster from. Cranfield queries against
+    a collection of this machine's database, ingested on first use (as `rag eval`). A few minutes."""
+    from bench import stage_cost as sc
+    from bench.common import find_cranfield
+    from rag.eval import ensure_corpus, load_beir
+    from rag.pipeline import Pipeline
+    from rag.validation import check_mode
+
+    check_mode(mode)
+    ds = load_beir(find_cranfield(dataset))
+    coll = collection or ds.name
+    p = Pipeline(_settings(collection=coll, rerank_cache=False))
+    ensure_corpus(p, ds, coll)
+    qs = list(ds.queries.values())[:queries]
+    r = sc.run(p, qs, collection=coll, fetch_k=fetch_k, mode=mode, rerank_queries=rerank_queries)
+    _finish(r, as_json, out, sc.summary(r))
+
+
+@app.command()
 def serve(
     url: UrlOpt = "http://127.0.0.1:8000",
     metrics_url: Annotated[
