@@ -24,6 +24,7 @@ __all__ = [
     "ResolvedModel",
     "StandInWarning",
     "build_standin_cross_encoder",
+    "parse_standin",
     "embedding_dimension",
     "packaged_minilm_path",
     "resolve_cross_encoder",
@@ -34,11 +35,36 @@ log = logging.getLogger(__name__)
 
 STANDIN_MARKER = "rag_standin.json"
 STANDIN_SEED = 20240601
+STANDIN_PREFIX = "standin:"  # a pseudo model id: the stand-in itself (parse_standin)
 _MINILM_IDS = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
 
 
 class StandInWarning(UserWarning):
     """The reranker is the untrained offline stand-in: rankings are not meaningful."""
+
+
+def parse_standin(model: str, kind: str) -> int | None:
+    """The seed of a stand-in pseudo-id of ``kind``, or None when ``model`` is not a pseudo-id.
+
+    ``standin:<kind>`` (the default seed) or ``standin:<kind>:seed=<N>``, ``kind`` being ``cross-encoder``
+    or ``llm``: a model id that asks for the untrained offline stand-in itself, with no fallback warning
+    (a settings value such as ``RAG_RERANK_MODEL=standin:cross-encoder:seed=2``). Two seeds, two models.
+    """
+    if not model.startswith(STANDIN_PREFIX):
+        return None
+    parts = model[len(STANDIN_PREFIX) :].split(":")
+    seed = STANDIN_SEED
+    ok = parts[0] == kind and len(parts) <= 2
+    if ok and len(parts) == 2:
+        key, _, value = parts[1].partition("=")
+        ok = key == "seed" and value.isdigit()
+        seed = int(value) if ok else seed
+    if not ok:
+        raise ModelError(
+            f"bad stand-in model id {model!r}: write '{STANDIN_PREFIX}{kind}' or "
+            f"'{STANDIN_PREFIX}{kind}:seed=<non-negative integer>' (this backend's stand-in is {kind!r})"
+        )
+    return seed
 
 
 @dataclass(frozen=True)
@@ -119,7 +145,11 @@ def embedding_dimension(model: str, *, offline: bool = False) -> int | None:
 
 
 def resolve_cross_encoder(model: str, *, cache_dir: Path, offline: bool = False) -> ResolvedModel:
-    """Resolve the reranker; falls back (loudly) to the offline stand-in when the model is unavailable."""
+    """Resolve the reranker; falls back (loudly) to the offline stand-in when the model is unavailable.
+    ``standin:cross-encoder[:seed=N]`` asks for the stand-in itself (see ``parse_standin``)."""
+    if (standin := parse_standin(model, "cross-encoder")) is not None:
+        path = build_standin_cross_encoder(cache_dir, seed=standin)
+        return ResolvedModel(model, str(path), "stand-in", trained=False)
     p = Path(model).expanduser()
     if p.is_dir():
         trained = not (p / STANDIN_MARKER).exists()
@@ -138,9 +168,11 @@ def resolve_cross_encoder(model: str, *, cache_dir: Path, offline: bool = False)
     return ResolvedModel(model, str(path), "stand-in", trained=False)
 
 
-def build_standin_cross_encoder(cache_dir: Path) -> Path:
-    """Build (once) the stand-in cross-encoder into ``cache_dir`` and return its folder."""
-    out = Path(cache_dir) / "standin-ms-marco-MiniLM-L-6-v2"
+def build_standin_cross_encoder(cache_dir: Path, *, seed: int = STANDIN_SEED) -> Path:
+    """Build (once) the stand-in cross-encoder into ``cache_dir`` and return its folder. ``seed`` draws the
+    scoring head: two seeds are two stand-ins that score differently (each in its own folder)."""
+    name = "standin-ms-marco-MiniLM-L-6-v2"
+    out = Path(cache_dir) / (name if seed == STANDIN_SEED else f"{name}-seed{seed}")
     if (out / STANDIN_MARKER).exists():
         return out
     base = packaged_minilm_path()
@@ -160,7 +192,7 @@ def build_standin_cross_encoder(cache_dir: Path) -> Path:
     hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: we add that head
     hf_logging.disable_progress_bar()
     try:
-        torch.manual_seed(STANDIN_SEED)
+        torch.manual_seed(seed)
         model = BertForSequenceClassification.from_pretrained(str(base), num_labels=1)
         tok = AutoTokenizer.from_pretrained(str(base))
         _calibrate_head(model, tok)
@@ -181,7 +213,7 @@ def build_standin_cross_encoder(cache_dir: Path) -> Path:
                 "trained": False,
                 "stands_in_for": "cross-encoder/ms-marco-MiniLM-L-6-v2",
                 "base": "sentence-transformers/all-MiniLM-L6-v2 (packaged)",
-                "seed": STANDIN_SEED,
+                "seed": seed,
             },
             indent=2,
         )
