@@ -3,8 +3,9 @@
 Each pair is written into the model card's prompt (``QWEN3_RERANKER``: a system turn asking for "yes" or
 "no", the user turn ``<Instruct>: …\\n<Query>: …\\n<Document>: …``, and the assistant turn opened with an
 empty think block); the score is P("yes") from the last position's logits restricted to the "yes" and "no"
-tokens, ``softmax([no, yes])[1]``, as the model card computes it. A different template gives near-random scores
-(vLLM #21681), so the template's strings live here, once, and a test checks them character by character.
+tokens, ``softmax([no, yes])[1]``, as the model card computes it. Another template gives near-random
+scores (vLLM #21681), so the template's strings live here, once, and a test checks them character by
+character.
 
 - The instruction says what relevance means (a default per model; ``rerank_instruction`` changes the
   default; each request may send its own through the rerank engine). One score per (instruction, query,
