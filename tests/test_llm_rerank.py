@@ -108,7 +108,9 @@ def test_an_instruction_changes_scores_and_cache_keys(cfg, llm):
     pairs = [(QUERY, d) for d in DOCS]
     default, other = llm.score(pairs), llm.score(pairs, [OTHER] * 3)
     assert max(abs(a - b) for a, b in zip(default, other, strict=True)) > 1e-4
-    assert llm.score(pairs, [None, OTHER, None]) == pytest.approx([default[0], other[1], default[2]], abs=1e-5)
+    assert llm.score(pairs, [None, OTHER, None]) == pytest.approx(
+        [default[0], other[1], default[2]], abs=1e-5
+    )
     engine = RerankEngine(llm, cfg.slice("reranker"))
     first = engine.rerank_sync(QUERY, DOCS)
     told = engine.rerank_sync(QUERY, DOCS, instruction=OTHER)
@@ -153,12 +155,17 @@ def test_the_engine_ranks_and_windows_long_documents(cfg, llm):
 def test_the_stand_in_is_labelled_untrained_and_deterministic(tmp_path: Path, llm):
     info = llm.info()
     assert info["trained"] is False and info["source"] == "stand-in" and info["backend"] == "llm"
-    assert info["template"] == "qwen3-reranker" and info["default_instruction"] == QWEN3_RERANKER.default_instruction
+    assert (
+        info["template"] == "qwen3-reranker"
+        and info["default_instruction"] == QWEN3_RERANKER.default_instruction
+    )
     a, b = build_standin_llm(tmp_path / "a"), build_standin_llm(tmp_path / "b")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     seeded = build_standin_llm(tmp_path / "a", seed=1)
-    assert seeded != a and (seeded / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
+    assert (
+        seeded != a and (seeded / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
+    )
 
 
 def test_the_default_model_falls_back_to_the_stand_in_loudly(cfg):
