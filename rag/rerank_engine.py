@@ -9,7 +9,9 @@ Modelled on text-embeddings-inference's ``Infer::predict`` (core/src/infer.rs): 
 - admission, chunks and turns (``rag.rerank_schedule``): a request is refused at once when it would finish
   past its deadline, goes to the model one chunk at a time (a cancellation point each), and takes turns
   with the other requests;
-- the batch body: one backend call per batch, and if that fails each item alone, so only the bad one fails.
+- the batch body: one backend call per batch, and if that fails each item alone, so only the bad one fails;
+- instructions (an LLM reranker's, ``RerankOptions.instruction``): checked up front, carried on each chunk,
+  and passed per pair to the backend (and so into the score cache's key).
 
 The library (``Pipeline``, ``rag eval``, ``rag query``) calls ``rerank_sync``; the Reranker deployment calls
 ``rerank`` and feeds the chunks through ``@serve.batch`` into ``run_batch``. Both run the same policy, a
