@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from rag.errors import InvalidInput, ModelError, RerankerError
+from rag.errors import ConfigError, InvalidInput, ModelError, RerankerError
+from rag.longdoc import MIN_WINDOW
 from rag.rerank.base import Scores, ScoreTimings
 from rag.validation import Pair, validate_pairs
 
@@ -102,7 +103,7 @@ class LLMReranker:
 
         self.template = QWEN3_RERANKER
         if instruction is not None and not instruction.strip():
-            raise ModelError("rerank_instruction is empty: unset it for the model's default instruction")
+            raise ConfigError("rerank_instruction is empty: unset it for the model's default instruction")
         self.default_instruction = self.template.default_instruction if instruction is None else instruction
         self.resolved = resolve_llm_reranker(model, cache_dir=Path(cache_dir), offline=offline)
         self.device = pick_device(device)
@@ -117,9 +118,9 @@ class LLMReranker:
         self._load(model)
         self.engine = TorchEngine(self.model, device=self.device, dtype=self.dtype, fn=self._yes_no_logits)
         self._lock = threading.Lock()  # one forward pass at a time per replica
-        self._overheads: dict[str | None, int] = {}
-        if self.pair_overhead(None) + 1 > max_length:
-            raise ModelError(
+        self._default_overhead = 0
+        if self.pair_overhead(None) + MIN_WINDOW > max_length:
+            raise ConfigError(
                 f"rerank_max_length={max_length} leaves no room for a document in the {self.template.name} "
                 f"prompt ({self.pair_overhead(None)} tokens with the instruction): raise rerank_max_length"
             )
@@ -177,11 +178,13 @@ class LLMReranker:
     def pair_overhead(self, instruction: str | None) -> int:
         """Tokens one pair costs beyond its query's and its document's: the prompt around them with this
         instruction (None: the default), and a margin for how the pieces join."""
-        key = instruction
-        if key not in self._overheads:
-            body = self._ids(self.template.middle("", "", instruction or self.default_instruction))
-            self._overheads[key] = len(self.prefix_ids) + len(body) + len(self.suffix_ids) + BOUNDARY_TOKENS
-        return self._overheads[key]
+        if instruction is None and self._default_overhead:
+            return self._default_overhead  # requests' own instructions are not kept: they vary without bound
+        body = self._ids(self.template.middle("", "", instruction or self.default_instruction))
+        n = len(self.prefix_ids) + len(body) + len(self.suffix_ids) + BOUNDARY_TOKENS
+        if instruction is None:
+            self._default_overhead = n
+        return n
 
     def info(self) -> dict[str, Any]:
         from rag.rerank.cross_encoder import model_revision
