@@ -428,9 +428,9 @@ def llm_rerank(
     pairs: Annotated[int, typer.Option(help="Pairs timed on the stand-in.")] = 64,
     real_pairs: Annotated[
         int, typer.Option(help="Pairs timed on a random Qwen3-Reranker-0.6B-sized model (0: skip).")
-    ] = 16,
+    ] = 8,
     tokens: Annotated[int, typer.Option(help="Tokens per prompt (stand-in tokenizer).")] = 200,
-    repeats: Annotated[int, typer.Option(help="Timed repeats; the best counts.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed repeats on the stand-in; the best counts.")] = 3,
     out: OutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
