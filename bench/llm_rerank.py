@@ -60,7 +60,7 @@ def _time(backend: Any, pairs: list[tuple[str, str]], repeats: int) -> dict[str,
         "forward_passes": tm.forward_passes,
         "padded_tokens": tm.padded_tokens,
         "best_s": round(best, 3),
-        "pairs_per_s": round(len(pairs) / best, 1),
+        "pairs_per_s": round(len(pairs) / best, 2),
         "tokens_per_s": round(tm.tokens / best),
     }
 
