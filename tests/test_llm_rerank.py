@@ -195,3 +195,27 @@ def test_a_cross_encoder_refuses_an_instruction(cfg):
     with pytest.raises(InvalidInput, match="takes no instruction"):
         ce.score([(QUERY, DOC)], [OTHER])
     assert len(engine.rerank_sync(QUERY, DOCS).scores) == 3
+
+
+def test_a_batch_mixing_requests_scores_each_under_its_own_instruction(cfg, llm):
+    from rag.rerank_schedule import Item
+
+    engine = RerankEngine(llm, cfg.slice("reranker"))
+    docs = tuple(DOCS)
+    plain, told = (Item(QUERY, docs, 16, 1600, 0.0, None, t, i) for t, i in ((1, None), (2, OTHER)))
+    a, b = engine.score_items([plain, told])
+    assert not isinstance(a, BaseException) and not isinstance(b, BaseException) and a.batch == b.batch
+    assert a.scores == pytest.approx(list(llm.score([(QUERY, d) for d in DOCS])), abs=1e-5)
+    assert b.scores == pytest.approx(list(llm.score([(QUERY, d) for d in DOCS], [OTHER] * 3)), abs=1e-5)
+
+
+def test_seeded_cross_encoder_stand_ins_score_differently(cfg):
+    fast = {"reranker": "cross-encoder", "rerank_runtime": "torch", "rerank_screen": "fp32"}
+    one, two = (
+        make_reranker(cfg.with_overrides(rerank_model=m, **fast))
+        for m in ("standin:cross-encoder", "standin:cross-encoder:seed=2")
+    )
+    assert one.info()["trained"] is False and two.info()["trained"] is False
+    assert one.resolved.path != two.resolved.path
+    pairs = [(QUERY, d) for d in DOCS]
+    assert max(abs(x - y) for x, y in zip(one.score(pairs), two.score(pairs), strict=True)) > 1e-3
