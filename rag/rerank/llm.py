@@ -218,10 +218,10 @@ class LLMReranker:
             for (q, d), i in zip(pairs, instr, strict=True)
         ]
         room = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        enc = self.tokenizer(
-            middles, add_special_tokens=False, truncation=True, max_length=room, return_attention_mask=False
-        )
-        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc["input_ids"]]
+        # cut here, not by the tokenizer's truncation: setting that mutates the shared Rust tokenizer, which
+        # the rerank engine's windows use from another thread ("Already borrowed")
+        enc = self.tokenizer(middles, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        return [self.prefix_ids + list(ids[:room]) + self.suffix_ids for ids in enc["input_ids"]]
 
     def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None] | None = None) -> Scores:
         """P("yes") per pair, in input order; ``instructions``: one per pair (None: the default)."""
