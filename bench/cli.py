@@ -9,6 +9,7 @@
     rag bench cache    the rerank score cache off and on: Zipf-distributed repeated /search, p50/p95, hit rate
     rag bench soak     minutes of mixed load on a running app: statuses, p50/p99 per route, replica RSS
     rag bench fairness small searches' rerank wait while one large /v2/rerank runs (issue 20)
+    rag bench llm-rerank  pairs/s of the LLM reranker: the offline stand-in and a random 0.6B-sized Qwen3
 
 The work lives in ``rag.benchmarks``; heavy libraries load inside the commands, never at import.
 """
@@ -261,6 +262,38 @@ def fusion(
 
 
 @app.command()
+def cost(
+    dataset: DatasetOpt = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", "-c", help="Collection [the dataset folder's name].")
+    ] = None,
+    queries: Annotated[int, typer.Option(help="Queries embedded and searched (of the dataset's).")] = 200,
+    rerank_queries: Annotated[int, typer.Option(help="Of those, queries whose candidates are reranked.")] = 5,
+    fetch_k: Annotated[int, typer.Option(help="Stage-1 candidates (and pairs reranked per query).")] = 100,
+    mode: Annotated[str, typer.Option(help="Stage-1 mode: dense, lexical or hybrid.")] = "dense",
+    as_json: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """CPU time per search of each stage (embed, retrieve on both sides of the connection, rerank), and the
+    searches/s per core it gives: the figures docs/scaling.md sizes a cluster from. Cranfield queries against
+    a collection of this machine's database, ingested on first use (as `rag eval`). A few minutes."""
+    from bench import stage_cost as sc
+    from bench.common import find_cranfield
+    from rag.eval import ensure_corpus, load_beir
+    from rag.pipeline import Pipeline
+    from rag.validation import check_mode
+
+    check_mode(mode)
+    ds = load_beir(find_cranfield(dataset))
+    coll = collection or ds.name
+    p = Pipeline(_settings(collection=coll, rerank_cache=False))
+    ensure_corpus(p, ds, coll)
+    qs = list(ds.queries.values())[:queries]
+    r = sc.run(p, qs, collection=coll, fetch_k=fetch_k, mode=mode, rerank_queries=rerank_queries)
+    _finish(r, as_json, out, sc.summary(r))
+
+
+@app.command()
 def serve(
     url: UrlOpt = "http://127.0.0.1:8000",
     metrics_url: Annotated[
@@ -420,3 +453,23 @@ def fairness(
         api_key=_api_key(api_key),
     )
     _finish(r, as_json, out, fr.summary(r))
+
+
+@app.command("llm-rerank")
+def llm_rerank(
+    pairs: Annotated[int, typer.Option(help="Pairs timed on the stand-in.")] = 64,
+    real_pairs: Annotated[
+        int, typer.Option(help="Pairs timed on a random Qwen3-Reranker-0.6B-sized model (0: skip).")
+    ] = 8,
+    tokens: Annotated[int, typer.Option(help="Tokens per prompt (stand-in tokenizer).")] = 200,
+    repeats: Annotated[int, typer.Option(help="Timed repeats on the stand-in; the best counts.")] = 3,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pairs/s of the LLM reranker (RAG_RERANKER=llm) on this machine: the offline stand-in, and a randomly
+    initialised model at Qwen3-Reranker-0.6B's size built in memory (timing only; nothing is downloaded).
+    Device, dtype, threads and token budget come from the RAG_RERANK_* settings."""
+    from bench import llm_rerank as lr
+
+    r = lr.run(_settings(offline=True), pairs=pairs, real_pairs=real_pairs, tokens=tokens, repeats=repeats)
+    _finish(r, as_json, out, lr.summary(r))

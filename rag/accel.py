@@ -186,9 +186,15 @@ def pack_batches(
 
 
 def pad_batch(
-    rows: Sequence[Sequence[int]], idx: Sequence[int], pad_id: int = 0, multiple: int = 1
+    rows: Sequence[Sequence[int]],
+    idx: Sequence[int],
+    pad_id: int = 0,
+    multiple: int = 1,
+    *,
+    left: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, attention_mask) int64 arrays for ``rows[i] for i in idx``, right-padded to the longest."""
+    """(ids, attention_mask) int64 arrays for ``rows[i] for i in idx``, padded to the longest: on the right,
+    or on the left with ``left=True`` (a causal LM reads its answer at the last position)."""
     width = max(len(rows[i]) for i in idx)
     if multiple > 1:
         width = -(-width // multiple) * multiple
@@ -196,8 +202,9 @@ def pad_batch(
     mask = np.zeros((len(idx), width), dtype=np.int64)
     for r, i in enumerate(idx):
         n = len(rows[i])
-        ids[r, :n] = rows[i]
-        mask[r, :n] = 1
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[r, cols] = rows[i]
+        mask[r, cols] = 1
     return ids, mask
 
 

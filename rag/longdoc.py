@@ -173,11 +173,13 @@ class Windower:
         max_windows: int | None = None,
         too_long: Literal["split", "error"] = "split",
         field: str = "documents",
+        specials: int | None = None,
     ) -> Plan:
         """The windows of every document. ``too_long="error"``: a pair longer than ``max_length`` tokens is
-        an InvalidInput (TEI's ``truncate: false``) instead of being split."""
+        an InvalidInput (TEI's ``truncate: false``) instead of being split. ``specials``: tokens a pair costs
+        beyond its query and document (default: the tokenizer's special tokens; an LLM reranker's prompt)."""
         limit = int(max_tokens_per_doc or self.max_tokens_per_doc)
-        q = self.query_tokens(query)
+        q = self.query_tokens(query) + ((specials - self.specials) if specials is not None else 0)
         width = max(MIN_WINDOW, self.max_length - self.specials - q)
         overlap = min(self.overlap, width // 2)
         encoded = self._encode(docs, limit + 1)  # one token more tells whether the limit cut the document

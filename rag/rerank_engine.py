@@ -9,7 +9,9 @@ Modelled on text-embeddings-inference's ``Infer::predict`` (core/src/infer.rs): 
 - admission, chunks and turns (``rag.rerank_schedule``): a request is refused at once when it would finish
   past its deadline, goes to the model one chunk at a time (a cancellation point each), and takes turns
   with the other requests;
-- the batch body: one backend call per batch, and if that fails each item alone, so only the bad one fails.
+- the batch body: one backend call per batch, and if that fails each item alone, so only the bad one fails;
+- instructions (an LLM reranker's, ``RerankOptions.instruction``): checked up front, carried on each chunk,
+  and passed per pair to the backend (and so into the score cache's key).
 
 The library (``Pipeline``, ``rag eval``, ``rag query``) calls ``rerank_sync``; the Reranker deployment calls
 ``rerank`` and feeds the chunks through ``@serve.batch`` into ``run_batch``. Both run the same policy, a
@@ -24,11 +26,11 @@ import asyncio
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from rag.errors import InvalidInput, RerankerError, StageTimeout
-from rag.longdoc import Plan, windower_for
+from rag.longdoc import MIN_WINDOW, Plan, windower_for
 from rag.rerank.base import RerankBackend, Scores
 from rag.rerank_schedule import Item, Part, Scheduler, Ticket
 from rag.rerank_stats import BatchReport, EngineStats
@@ -49,7 +51,9 @@ class RerankOptions:
     ``max_tokens_per_doc``: tokens of each document read (default and cap: ``rerank_max_tokens_per_doc``).
     ``truncate`` (TEI): None splits long documents; True scores the first window only; False refuses a
     document that does not fit the model with the query. ``deadline_s``: how long the caller waits.
-    ``field``: the request's name for the documents, for error messages.
+    ``field``: the request's name for the documents, for error messages. ``instruction``: what an LLM
+    reranker is told relevance means (None: the model's default; a backend without instructions refuses
+    one, 422); part of the score cache's key.
     """
 
     kind: Literal["documents", "candidates"] = "documents"
@@ -57,6 +61,7 @@ class RerankOptions:
     truncate: bool | None = None
     deadline_s: float | None = None
     field: str = "documents"
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,15 @@ class RerankEngine:
 
     # -- the front door ------------------------------------------------------------------------------
     async def rerank(
-        self, query: str, documents: Sequence[str], options: RerankOptions | None = None
+        self,
+        query: str,
+        documents: Sequence[str],
+        options: RerankOptions | None = None,
+        *,
+        instruction: str | None = None,
     ) -> RerankResult:
-        """Rerank in an event loop: windows planned in a thread, chunks through ``submit``."""
+        """Rerank in an event loop: windows planned in a thread, chunks through ``submit``. ``instruction``
+        (when not None) replaces ``options.instruction``."""
 
         async def do(step: _Step) -> Any:
             if isinstance(step, _Windows):
@@ -150,14 +161,19 @@ class RerankEngine:
                 self.stats.count(cancelled=1)
                 raise
 
-        policy = self._policy(query, documents, options or RerankOptions())
+        policy = self._policy(query, documents, _with_instruction(options, instruction))
         try:
             return await run_async(policy, do)
         finally:
             policy.close()  # a cancelled request gives its place back at once
 
     def rerank_sync(
-        self, query: str, documents: Sequence[str], options: RerankOptions | None = None
+        self,
+        query: str,
+        documents: Sequence[str],
+        options: RerankOptions | None = None,
+        *,
+        instruction: str | None = None,
     ) -> RerankResult:
         """Rerank in this thread: the same policy, each chunk scored by ``score_items`` alone."""
 
@@ -168,7 +184,7 @@ class RerankEngine:
                 return self.scheduler.size_alone(step.ticket)
             return self.score_items([step.item])[0]
 
-        policy = self._policy(query, documents, options or RerankOptions())
+        policy = self._policy(query, documents, _with_instruction(options, instruction))
         try:
             return run_sync(policy, do)
         finally:
@@ -180,6 +196,7 @@ class RerankEngine:
     ) -> Generator[_Step, Any, RerankResult]:
         if not self.backend.enabled:
             raise RerankerError("reranking is disabled (RAG_RERANKER=none)")
+        opt = self._check_instruction(opt)
         t0 = time.perf_counter()
         windows = self.config.rerank_search_windows
         split = opt.kind == "documents" or windows > 1
@@ -192,7 +209,7 @@ class RerankEngine:
         texts = plan.texts if plan is not None else list(documents)
         parts: list[Part] = []
         if texts:
-            parts = yield from self._chunks(query, texts, opt.deadline_s)
+            parts = yield from self._chunks(query, texts, opt.deadline_s, opt.instruction)
         scores = [s for p in parts for s in p.scores]
         batches = {p.batch: p.batch_ms for p in parts}
         timings = RerankTimings(tokenize_ms, sum(p.queue_ms for p in parts), sum(batches.values()))
@@ -206,12 +223,38 @@ class RerankEngine:
         spans = [d.span for d in docs]
         return RerankResult([d.score for d in docs], spans, [d.windows for d in docs], usage, timings, hits)
 
+    def _check_instruction(self, opt: RerankOptions) -> RerankOptions:
+        """A request's instruction, checked: 422 for a backend that takes none, an empty one, or one that
+        leaves no room for a document; the model's default itself becomes None (one cache entry)."""
+        instr = opt.instruction
+        if instr is None:
+            return opt
+        default = self.backend.default_instruction
+        if default is None:
+            name = self.backend.info().get("backend")
+            raise InvalidInput(
+                f"instruction is for LLM rerankers; this model ({name}) takes none: leave instruction out, "
+                "or choose an LLM reranker model"
+            )
+        if not instr.strip():
+            raise InvalidInput("instruction is empty: leave it out for the model's default instruction")
+        if instr == default:
+            return replace(opt, instruction=None)
+        room = self.backend.max_length - self.backend.pair_overhead(instr)
+        if room < MIN_WINDOW:
+            raise InvalidInput(
+                f"the instruction leaves {max(room, 0)} of the model's {self.backend.max_length} tokens for "
+                f"the query and the document (at least {MIN_WINDOW} needed): shorten the instruction"
+            )
+        return opt
+
     def _plan(self, step: _Windows) -> Plan:
         assert self.windower is not None
         opt = step.options
+        specials = self.backend.pair_overhead(opt.instruction)
         if opt.kind == "candidates":
             return self.windower.plan(
-                step.query, step.documents, max_windows=self.config.rerank_search_windows
+                step.query, step.documents, max_windows=self.config.rerank_search_windows, specials=specials
             )
         first = opt.truncate is True or self.config.rerank_long_documents == "first"
         return self.windower.plan(
@@ -221,6 +264,7 @@ class RerankEngine:
             max_windows=1 if first else None,
             too_long="error" if opt.truncate is False else "split",
             field=opt.field,
+            specials=specials,
         )
 
     def _check_cost(self, plan: Plan) -> None:
@@ -235,7 +279,7 @@ class RerankEngine:
             )
 
     def _chunks(
-        self, query: str, texts: list[str], deadline_s: float | None
+        self, query: str, texts: list[str], deadline_s: float | None, instruction: str | None = None
     ) -> Generator[_Step, Any, list[Part]]:
         """Admission, then the pairs one chunk per turn; stops between chunks past ``deadline_s``."""
         n = len(texts)
@@ -260,7 +304,14 @@ class RerankEngine:
                 size = yield _Turn(ticket)
                 chunk = tuple(texts[done : done + size])
                 item = Item(
-                    query, chunk, self.request_cap, self.pair_cap, time.perf_counter(), expires_at, ticket.id
+                    query,
+                    chunk,
+                    self.request_cap,
+                    self.pair_cap,
+                    time.perf_counter(),
+                    expires_at,
+                    ticket.id,
+                    instruction,
                 )
                 part = yield _Chunk(item)
                 if isinstance(part, BaseException):  # this request's own failure (see score_items)
@@ -327,7 +378,10 @@ class RerankEngine:
         pairs = ValidPairs((it.query, d) for it in items for d in it.documents)
         batch = next(self._batch_ids)
         try:
-            scores = self.scorer.score(pairs)
+            if all(it.instruction is None for it in items):
+                scores = self.scorer.score(pairs)
+            else:  # items of several requests: each pair under its own request's instruction
+                scores = self.scorer.score(pairs, [it.instruction for it in items for _ in it.documents])
         except RerankerError:
             raise
         except Exception as e:
@@ -372,3 +426,8 @@ class RerankEngine:
             "max_request_tokens": c.rerank_max_request_tokens,
             "config": c.public(),
         }
+
+
+def _with_instruction(options: RerankOptions | None, instruction: str | None) -> RerankOptions:
+    opt = options or RerankOptions()
+    return opt if instruction is None else replace(opt, instruction=instruction)

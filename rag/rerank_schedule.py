@@ -61,6 +61,7 @@ class Item:
     enqueued_at: float
     expires_at: float | None = None  # perf_counter() after which the caller no longer waits
     ticket: int = -1  # the request it belongs to
+    instruction: str | None = None  # an LLM reranker's instruction (None: the model's default)
 
 
 @dataclass(frozen=True)

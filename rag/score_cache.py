@@ -2,7 +2,8 @@
 
 Key: the scoring model's identity (backend, model id and revision, dtype, runtime, max_length: whatever
 changes a score), the query text, and a 128-bit BLAKE2b hash of the document text (the window text for
-split documents). Value: the score the backend returned for that pair. ``CachedReranker`` wraps any
+split documents) and of the instruction when the pair has one (an LLM reranker's; ``rag.rerank.llm``).
+Value: the score the backend returned for that pair. ``CachedReranker`` wraps any
 ``rag.rerank.RerankBackend`` and is one itself: a call looks every pair up, sends only the pairs it lacks
 (deduplicated) to the wrapped backend in one call, and stores their scores.
 
@@ -58,8 +59,11 @@ class ScoreCache:
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
 
-    def key(self, query: str, document: str) -> tuple[str, bytes]:
+    def key(self, query: str, document: str, instruction: str | None = None) -> tuple[str, bytes]:
         h = hashlib.blake2b(self.namespace, digest_size=16)
+        if instruction is not None:  # length-prefixed: no (instruction, document) split collides with another
+            raw = instruction.encode("utf-8", "surrogatepass")
+            h.update(b"\x01" + len(raw).to_bytes(8, "little") + raw)
         h.update(b"\x00")
         h.update(document.encode("utf-8", "surrogatepass"))
         return (query, h.digest())
@@ -129,14 +133,25 @@ class CachedReranker:
         self.enabled = inner.enabled
         self.tokenizer, self.max_length = inner.tokenizer, inner.max_length
 
+    @property
+    def default_instruction(self) -> str | None:
+        return self.inner.default_instruction
+
+    def pair_overhead(self, instruction: str | None) -> int:
+        return self.inner.pair_overhead(instruction)
+
     def info(self) -> dict[str, Any]:
         return self.inner.info()
 
-    def score(self, pairs: Sequence[Pair]) -> Scores:
-        """Scores of ``pairs``; ``cached`` says which came from the cache, ``timings`` counts hits/misses."""
+    def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None] | None = None) -> Scores:
+        """Scores of ``pairs``; ``cached`` says which came from the cache, ``timings`` counts hits/misses.
+        ``instructions`` (one per pair) are part of the key, and reach the backend only when given."""
         pairs = validate_pairs(pairs)  # before anything is looked up or stored
+        if instructions is not None and len(instructions) != len(pairs):
+            raise RerankerError(f"{len(instructions)} instructions for {len(pairs)} pairs")
+        instr = list(instructions) if instructions is not None else [None] * len(pairs)
         t0 = time.perf_counter()
-        keys = [self.cache.key(q, d) for q, d in pairs]
+        keys = [self.cache.key(q, d, i) for (q, d), i in zip(pairs, instr, strict=True)]
         found = self.cache.get_many(keys)
         todo: dict[tuple[str, bytes], int] = {}
         for i, v in enumerate(found):
@@ -147,7 +162,10 @@ class CachedReranker:
         timings = ScoreTimings()
         if todo:
             miss = ValidPairs(pairs[i] for i in todo.values())
-            got = self.inner.score(miss)
+            if instructions is None:
+                got = self.inner.score(miss)
+            else:
+                got = self.inner.score(miss, [instr[i] for i in todo.values()])
             if len(got) != len(miss):
                 raise RerankerError(f"reranker returned {len(got)} scores for {len(miss)} pairs")
             computed = dict(zip(todo, got, strict=True))

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from rag import drivers
 from rag.errors import Overloaded, RerankerError, StageTimeout
 from rag.stages import SearchConfig
 from rag.validation import check_mode, validate_collection_name, validate_search
@@ -257,21 +258,8 @@ def two_stage(
 
 # -- drivers ----------------------------------------------------------------------------------------------
 def run_sync(policy: Generator[Any, Any, R], do: Callable[[Any], Any]) -> R:
-    """Drive ``policy`` with a blocking ``do(step)``: ``run_async``'s loop, with nothing to wait for.
-
-    No event loop is needed (the coroutine never suspends), so it works inside a running one too. Any policy
-    generator: this module's, and the rerank engine's (``rag.rerank_engine``)."""
-
-    async def call(step: Step) -> Any:
-        return do(step)
-
-    coro = run_async(policy, call)
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    coro.close()
-    raise RuntimeError("run_sync: a stage call suspended; use run_async")
+    """Drive a search policy with a blocking ``do(step)`` (``rag.drivers``; the stage-1 notice is skipped)."""
+    return drivers.run_sync(policy, lambda step: None if isinstance(step, Dense) else do(step))
 
 
 async def run_async(
@@ -279,20 +267,13 @@ async def run_async(
     do: Callable[[Any], Awaitable[Any]],
     on_dense: Callable[[Dense], Awaitable[None]] | None = None,
 ) -> R:
-    """Drive ``policy`` with an async ``do(step)``; ``on_dense`` hears the stage-1 notice (streaming)."""
-    try:
-        step = next(policy)
-        while True:
-            try:
-                if isinstance(step, Dense):
-                    if on_dense is not None:
-                        await on_dense(step)
-                    result = None
-                else:
-                    result = await do(step)
-            except Exception as e:
-                step = policy.throw(e)
-            else:
-                step = policy.send(result)
-    except StopIteration as stop:
-        return stop.value
+    """Drive a search policy with an async ``do(step)``; ``on_dense`` hears the stage-1 notice (streaming)."""
+
+    async def step_or_notice(step: Any) -> Any:
+        if not isinstance(step, Dense):
+            return await do(step)
+        if on_dense is not None:
+            await on_dense(step)
+        return None
+
+    return await drivers.run_async(policy, step_or_notice)

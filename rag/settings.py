@@ -58,7 +58,7 @@ __all__ = [
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_RERANK_MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2"
 
-RerankerBackend = Literal["cross-encoder", "cohere", "none"]
+RerankerBackend = Literal["cross-encoder", "cohere", "llm", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Runtime = Literal["auto", "torch", "openvino"]
@@ -369,6 +369,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Rerank routes: most tokens (all of a request's (query, window) pairs, as the model "
         "reads them) one request may cost; a larger request gets a 422 naming this cap.",
+    )
+    rerank_instruction: str | None = _f(
+        None,
+        "reranker",
+        description="LLM reranker (reranker=llm): the default instruction (unset: the model's).",
     )
     rerank_cache: bool = _f(True, "reranker", description="Cache rerank scores in each Reranker replica.")
     rerank_cache_entries: int = _f(

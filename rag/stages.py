@@ -196,6 +196,7 @@ class RerankerConfig(ModelStage):
     rerank_chunk_pairs: int = _same("rerank_chunk_pairs")
     rerank_chunk_ms: float = _same("rerank_chunk_ms")
     rerank_max_request_tokens: int = _same("rerank_max_request_tokens")
+    rerank_instruction: str | None = _same("rerank_instruction")
     rerank_cache: bool = _same("rerank_cache")
     rerank_cache_entries: int = _same("rerank_cache_entries")
     rerank_cache_bytes: int = _same("rerank_cache_bytes")

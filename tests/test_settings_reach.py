@@ -70,6 +70,7 @@ NON_DEFAULT: dict[str, Any] = {
     "rerank_chunk_pairs": 48,
     "rerank_chunk_ms": 400.0,
     "rerank_max_request_tokens": 500_000,
+    "rerank_instruction": "Given a question, find the passages that answer it",
     "rerank_cache": False,
     "rerank_cache_entries": 5000,
     "rerank_cache_bytes": 8 << 20,

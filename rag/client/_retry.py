@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from rag import drivers
 from rag.client._errors import error_for_response, error_for_transport
 from rag.errors import InvalidInput
 
@@ -163,31 +164,10 @@ def exchange(
 async def run_async(
     policy: Generator[Step, Any, httpx.Response], do: Callable[[Step], Awaitable[Any]]
 ) -> httpx.Response:
-    """Drive ``policy`` with an async ``do(step)`` (send the request / sleep)."""
-    try:
-        step = next(policy)
-        while True:
-            try:
-                result = await do(step)
-            except httpx.TransportError as e:
-                step = policy.throw(e)
-            else:
-                step = policy.send(result)
-    except StopIteration as stop:
-        return stop.value
+    """Drive ``policy`` with an async ``do(step)`` (send the request / sleep); transport errors go back in."""
+    return await drivers.run_async(policy, do, httpx.TransportError)
 
 
 def run_sync(policy: Generator[Step, Any, httpx.Response], do: Callable[[Step], Any]) -> httpx.Response:
-    """Drive ``policy`` with a blocking ``do(step)``: ``run_async``'s loop, with nothing to await (the
-    coroutine never suspends, so no event loop is needed; it works inside a running one too)."""
-
-    async def call(step: Step) -> Any:
-        return do(step)
-
-    coro = run_async(policy, call)
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    coro.close()
-    raise RuntimeError("run_sync: a step suspended; use run_async")
+    """Drive ``policy`` with a blocking ``do(step)``; transport errors go back in."""
+    return drivers.run_sync(policy, do, httpx.TransportError)

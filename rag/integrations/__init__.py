@@ -10,9 +10,13 @@ attach to each document: the library's hit dict without its ``content``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["LangChainRetriever", "LlamaIndexRetriever", "hit_metadata", "missing_extra"]
+if TYPE_CHECKING:
+    from rag.client import AsyncClient, Client
+
+__all__ = ["LangChainRetriever", "LlamaIndexRetriever", "OwnedClients", "hit_metadata", "missing_extra"]
 
 _LAZY = {"LangChainRetriever": "langchain", "LlamaIndexRetriever": "llamaindex"}
 
@@ -22,6 +26,32 @@ def hit_metadata(hit: dict[str, Any]) -> dict[str, Any]:
     ``score``, ``dense_score``, ``doc_id``, ``chunk_index``, and the chunk's own ``metadata``, nested so that
     none of its keys can shadow ours)."""
     return {k: v for k, v in hit.items() if k != "content"}
+
+
+class OwnedClients:
+    """A retriever's sync and async clients: the ones given, the missing one of the pair made like the other
+    (a sync one from ``make()`` when neither is given). ``close``/``aclose`` close only what was made here."""
+
+    def __init__(
+        self, client: Client | None, async_client: AsyncClient | None, make: Callable[[], Client]
+    ) -> None:
+        self._sync_made = self._async_made = False
+        if client is None:
+            client = async_client.to_sync() if async_client is not None else make()
+            self._sync_made = True
+        if async_client is None:
+            async_client = client.to_async()
+            self._async_made = True
+        self.client, self.async_client = client, async_client
+
+    def close(self) -> None:
+        if self._sync_made:
+            self.client.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._async_made:
+            await self.async_client.aclose()
 
 
 def missing_extra(extra: str, err: ImportError) -> ImportError:

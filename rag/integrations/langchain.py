@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ConfigDict, PrivateAttr, SecretStr
 
 from rag.client import AsyncClient, Client, RetryPolicy
-from rag.integrations import hit_metadata, missing_extra
+from rag.integrations import OwnedClients, hit_metadata, missing_extra
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
@@ -51,19 +51,16 @@ class LangChainRetriever(BaseRetriever):
     retry: RetryPolicy | None = None
     client: Client | None = None
     async_client: AsyncClient | None = None
-    _owned: list[Any] = PrivateAttr(default_factory=list)
+    _owned: OwnedClients = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
-        if self.client is None and self.async_client is not None:
-            self.client = self.async_client.to_sync()
-            self._owned.append(self.client)
-        if self.client is None:
-            key = self.api_key.get_secret_value() if self.api_key is not None else None
-            self.client = Client(self.url, api_key=key, timeout_s=self.timeout_s, retry=self.retry)
-            self._owned.append(self.client)
-        if self.async_client is None:
-            self.async_client = self.client.to_async()
-            self._owned.append(self.async_client)
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        self._owned = OwnedClients(
+            self.client,
+            self.async_client,
+            lambda: Client(self.url, api_key=key, timeout_s=self.timeout_s, retry=self.retry),
+        )
+        self.client, self.async_client = self._owned.client, self._owned.async_client
 
     def _options(self) -> dict[str, Any]:
         return {"fetch_k": self.fetch_k, "top_k": self.top_k, "rerank": self.rerank,
@@ -85,16 +82,11 @@ class LangChainRetriever(BaseRetriever):
 
     def close(self) -> None:
         """Close the sync client this retriever made (a client passed in stays open)."""
-        for c in self._owned:
-            if isinstance(c, Client):
-                c.close()
+        self._owned.close()
 
     async def aclose(self) -> None:
         """Close both clients this retriever made."""
-        self.close()
-        for c in self._owned:
-            if isinstance(c, AsyncClient):
-                await c.aclose()
+        await self._owned.aclose()
 
 
 def _document(hit: dict[str, Any]) -> Document:

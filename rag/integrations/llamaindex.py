@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from rag.client import AsyncClient, Client, RetryPolicy
-from rag.integrations import hit_metadata, missing_extra
+from rag.integrations import OwnedClients, hit_metadata, missing_extra
 
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
@@ -63,17 +63,10 @@ class LlamaIndexRetriever(BaseRetriever):
         self.options: dict[str, Any] = {"fetch_k": fetch_k, "top_k": top_k, "rerank": rerank,
                                         "collection": collection, "filter": filter, "mode": mode,
                                         "budget_ms": budget_ms}  # fmt: skip
-        self._owned: list[Client | AsyncClient] = []
-        if client is None and async_client is not None:
-            client = async_client.to_sync()
-            self._owned.append(client)
-        if client is None:
-            client = Client(url, api_key=api_key, timeout_s=timeout_s, retry=retry)
-            self._owned.append(client)
-        if async_client is None:
-            async_client = client.to_async()
-            self._owned.append(async_client)
-        self.client, self.async_client = client, async_client
+        self._owned = OwnedClients(
+            client, async_client, lambda: Client(url, api_key=api_key, timeout_s=timeout_s, retry=retry)
+        )
+        self.client, self.async_client = self._owned.client, self._owned.async_client
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         return [_node(h) for h in self.client.search(query_bundle.query_str, **self.options).results]
@@ -84,16 +77,11 @@ class LlamaIndexRetriever(BaseRetriever):
 
     def close(self) -> None:
         """Close the sync client this retriever made (a client passed in stays open)."""
-        for c in self._owned:
-            if isinstance(c, Client):
-                c.close()
+        self._owned.close()
 
     async def aclose(self) -> None:
         """Close both clients this retriever made."""
-        self.close()
-        for c in self._owned:
-            if isinstance(c, AsyncClient):
-                await c.aclose()
+        await self._owned.aclose()
 
 
 def _node(hit: dict[str, Any]) -> NodeWithScore:

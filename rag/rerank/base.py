@@ -8,7 +8,13 @@ chunks, admission.
 
 ``tokenizer`` and ``max_length`` tell the engine how the backend reads a pair: with a fast tokenizer, the
 engine splits long documents into windows of ``max_length`` tokens; ``None`` means the backend reads whole
-documents itself (Cohere splits them on its side).
+documents itself (Cohere splits them on its side). ``pair_overhead(instruction)`` is what a pair costs beyond
+its query's and document's tokens (the cross-encoder's special tokens; the LLM reranker's prompt).
+
+Instructions: an LLM reranker (``rag.rerank.llm``) scores a pair under an instruction, its
+``default_instruction`` unless ``score`` gets ``instructions`` (one per pair; None entries: the default).
+The other backends have ``default_instruction = None`` and take none: they refuse any given (the rerank
+engine refuses such a request up front, as invalid input).
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
-from rag.errors import RerankerError
+from rag.errors import InvalidInput, RerankerError
 from rag.validation import Pair
 
-__all__ = ["NoReranker", "Pair", "RerankBackend", "ScoreTimings", "Scores"]
+__all__ = ["NoReranker", "Pair", "RerankBackend", "ScoreTimings", "Scores", "refuse_instructions"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,13 @@ class RerankBackend(Protocol):
     enabled: bool
     tokenizer: Any | None  # a fast (Rust) tokenizer the engine plans windows with; None: no windows
     max_length: int  # tokens of one [CLS] query [SEP] document [SEP] the model reads
+    default_instruction: str | None  # what an LLM reranker is told by default; None: takes no instruction
 
-    def score(self, pairs: Sequence[Pair]) -> Scores: ...
+    def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None] | None = None) -> Scores: ...
+
+    def pair_overhead(self, instruction: str | None) -> int:
+        """Tokens a pair costs beyond its query's and its document's (the windows' sizing)."""
+        ...
 
     def info(self) -> dict[str, Any]:
         """What the backend is, as JSON values (``GET /info``, metrics labels, the score cache's key): at
@@ -89,12 +100,25 @@ class NoReranker:
     enabled = False
     tokenizer = None
     max_length = 0
+    default_instruction = None
 
-    def score(self, pairs: Sequence[Pair]) -> Scores:
+    def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None] | None = None) -> Scores:
         raise RerankerError("reranking is disabled (RAG_RERANKER=none)")
+
+    def pair_overhead(self, instruction: str | None) -> int:
+        return 0
 
     def info(self) -> dict[str, Any]:
         return {"backend": "none", "model": None, "device": None, "dtype": None, "trained": None}
+
+
+def refuse_instructions(backend: str, instructions: Sequence[str | None] | None) -> None:
+    """A backend without instructions (``default_instruction`` None) given one: invalid input."""
+    if instructions is not None and any(i is not None for i in instructions):
+        raise InvalidInput(
+            f"the {backend} reranker takes no instruction: leave instruction out, or use an LLM reranker "
+            "(RAG_RERANKER=llm)"
+        )
 
 
 def elapsed_ms(since: float) -> float:

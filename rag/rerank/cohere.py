@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from rag.errors import ConfigError, RerankerError
-from rag.rerank.base import Scores, ScoreTimings
+from rag.rerank.base import Scores, ScoreTimings, refuse_instructions
 from rag.validation import Pair, validate_pairs
 
 __all__ = ["CohereReranker"]
@@ -25,6 +25,7 @@ class CohereReranker:
     enabled = True
     tokenizer = None  # documents are sent whole
     max_length = 0
+    default_instruction = None  # Cohere's API takes no instruction
 
     def __init__(
         self,
@@ -77,7 +78,11 @@ class CohereReranker:
                 time.sleep(min(2.0, 0.2 * 2**attempt))
         raise RerankerError(f"Cohere rerank failed ({self.base_url or 'api.cohere.com'}): {last}") from last
 
-    def score(self, pairs: Sequence[Pair]) -> Scores:
+    def pair_overhead(self, instruction: str | None) -> int:
+        return 0
+
+    def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None] | None = None) -> Scores:
+        refuse_instructions("cohere", instructions)
         pairs = validate_pairs(pairs)
         t0 = time.perf_counter()
         groups: dict[str, list[int]] = {}

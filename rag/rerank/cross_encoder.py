@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from rag.errors import ConfigError, ModelError, RerankerError
-from rag.rerank.base import Scores, ScoreTimings
+from rag.rerank.base import Scores, ScoreTimings, refuse_instructions
 from rag.rerank.screen import CALIBRATION_KEY, calibration_pairs, plan_screen, timing_pairs
 from rag.validation import Pair, validate_pairs
 
@@ -43,6 +43,7 @@ class CrossEncoderReranker:
     """sentence-transformers cross-encoder: sorted, budgeted, screened and refined (module docstring)."""
 
     enabled = True
+    default_instruction = None  # a cross-encoder takes no instruction
 
     def __init__(
         self,
@@ -318,12 +319,16 @@ class CrossEncoderReranker:
                 todo.extend(int(i) for i in ii[~done[ii]] if fast[i] + 2 * err >= kth)
         return exact, int(done.sum()), passes, padded
 
-    def score(self, pairs: Sequence[Pair]) -> Scores:
+    def pair_overhead(self, instruction: str | None) -> int:
+        return int(self.tokenizer.num_special_tokens_to_add(pair=True))
+
+    def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None] | None = None) -> Scores:
         """One score per pair, and this call's timings (thread-safe).
 
         Tokenization runs outside the model lock: concurrent callers (a Serve replica with
         ``max_concurrent_batches=2``) tokenize the next batch while the current one is on the model.
         """
+        refuse_instructions("cross-encoder", instructions)
         pairs = validate_pairs(pairs)
         if not pairs:
             return Scores()
