@@ -89,7 +89,7 @@ MODEL_DESCRIPTION = (
 )
 INSTRUCTION_DESCRIPTION = (
     "The task instruction an LLM reranker (backend llm) reads in its prompt; unset: the model's default "
-    "instruction. Cross-encoders ignore it."
+    "instruction. A model that takes none (cross-encoder, Cohere) answers 422."
 )
 MAX_TOKENS_DESCRIPTION = (
     "Tokens of each document read (default and cap: RAG_RERANK_MAX_TOKENS_PER_DOC, 4096). A document "
@@ -171,7 +171,8 @@ def request_limits(config: SearchConfig) -> dict[str, dict[str, Keywords]]:
     top_n = {"integer": {"minimum": 1, "maximum": docs_n}}
     max_tokens = {"integer": {"minimum": 1, "maximum": config.rerank_max_tokens_per_doc}}
     inputs = {"array": {"minItems": 1, "maxItems": config.max_embed_inputs}, **query}
-    instruction = {"string": {**query["string"]}}
+    # no served model takes an instruction: no string is valid (the service answers 422)
+    instruction = {"string": {**query["string"]}} if config.takes_instructions else {"string": {"not": {}}}
     # the served models' names (when RAG_RERANK_MODELS lists them; else any name is accepted)
     model = {"string": {"enum": [m.name for m in config.rerank_models]}} if config.rerank_models else {}
     return {

@@ -65,10 +65,6 @@ class Reranker:
         """The model this request named (Serve's multiplexed model id; none: the default)."""
         return await self.pool.get(serve.get_multiplexed_model_id() or None)
 
-    def _instruction(self, loaded: Loaded, instruction: str | None) -> str | None:
-        """The request's instruction, else its model's default (the LLM backend reads it)."""
-        return instruction if instruction is not None else self.pool.entries[loaded.name].instruction
-
     async def rerank(
         self,
         query: str,
@@ -78,12 +74,12 @@ class Reranker:
         instruction: str | None = None,
     ) -> list[float]:
         """One score per /search candidate, in input order. ``deadline_s``: how long the caller waits;
-        work that would finish later is refused (Overloaded) or stopped (StageTimeout)."""
+        work that would finish later is refused (Overloaded) or stopped (StageTimeout). ``instruction``: as
+        for ``rerank_documents``."""
         if not documents:
             return []
         loaded = await self._model()
-        self._instruction(loaded, instruction)  # TODO(llmrerank merge): RerankOptions.instruction
-        opt = RerankOptions(kind="candidates", deadline_s=deadline_s)
+        opt = RerankOptions(kind="candidates", deadline_s=deadline_s, instruction=instruction)
         return (await loaded.engine.rerank(query, documents, opt)).scores
 
     async def rerank_documents(
@@ -97,10 +93,10 @@ class Reranker:
         field: str = "documents",
         instruction: str | None = None,
     ) -> RerankResult:
-        """The rerank routes: long documents split into windows, one score per document."""
+        """The rerank routes: long documents split into windows, one score per document. ``instruction``:
+        an LLM reranker's (None: its model's default); a model that takes none refuses one (422)."""
         loaded = await self._model()
-        self._instruction(loaded, instruction)  # TODO(llmrerank merge): RerankOptions.instruction
-        opt = RerankOptions("documents", max_tokens_per_doc, truncate, deadline_s, field)
+        opt = RerankOptions("documents", max_tokens_per_doc, truncate, deadline_s, field, instruction)
         return await loaded.engine.rerank(query, documents, opt)
 
     async def card(self) -> dict[str, Any]:

@@ -91,7 +91,11 @@ class RerankModel(BaseModel):
     batch_size: int | None = Field(None, ge=1, description="rerank_batch_size for this model.")
     token_budget: int | None = Field(None, ge=512, description="rerank_token_budget for this model.")
     instruction: str | None = Field(
-        None, max_length=4096, description="llm backend: the instruction used when a request sends none."
+        None,
+        min_length=1,
+        max_length=4096,
+        description="llm backend: the instruction used when a request sends none (rerank_instruction for "
+        "this model; unset: the model card's).",
     )
     default: bool = Field(False, description="Used when a request names no model (exactly one is).")
     settings: dict[str, Any] = Field(
@@ -107,6 +111,7 @@ class RerankModel(BaseModel):
             "rerank_max_length": self.max_length,
             "rerank_batch_size": self.batch_size,
             "rerank_token_budget": self.token_budget,
+            "rerank_instruction": self.instruction,
         }
         return {**{k: v for k, v in named.items() if v is not None}, **self.settings}
 
@@ -271,7 +276,12 @@ class Settings(BaseSettings):
     embedding_threads: int = _f(0, "embedder", ge=0, description="Embedder threads; 0 = the CPUs we may use.")
     embed_batch_size: int = _f(64, "embedder", ge=1, description="Texts per forward pass (plain path).")
 
-    reranker: RerankerBackend = _f("cross-encoder", "reranker", description="Stage-2 backend.")
+    reranker: RerankerBackend = _f(
+        "cross-encoder",
+        "reranker",
+        "search",  # the ingress's OpenAPI schema says whether an instruction is taken
+        description="Stage-2 backend.",
+    )
     rerank_models: list[RerankModel] = _f(
         [],
         "reranker",

@@ -247,6 +247,7 @@ class SearchConfig(StageConfig):
 
     stage: ClassVar[str] = "search"
     collection: str = _same("collection")
+    reranker: RerankerBackend = _same("reranker")
     rerank_max_tokens_per_doc: int = _same("rerank_max_tokens_per_doc")
     rerank_models: list[RerankModel] = _same("rerank_models")
     fetch_k: int = _same("fetch_k")
@@ -270,6 +271,12 @@ class SearchConfig(StageConfig):
         """The served model a request's ``name`` selects ("" when ``rerank_models`` is unset: the Reranker's
         one model); an unknown name is a 422 listing the served names."""
         return pick_rerank_model(self.rerank_models, name)
+
+    @property
+    def takes_instructions(self) -> bool:
+        """Whether any served model reads an instruction (the llm backend); the others answer 422."""
+        backends = [m.backend for m in self.rerank_models] or [self.reranker]
+        return "llm" in backends
 
     def api_key_list(self) -> list[str]:
         """The configured API keys (empty: authentication is off)."""

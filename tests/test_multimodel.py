@@ -2,7 +2,8 @@
 
 The app serves three working models and a broken one with ``rerank_models_per_replica=2``: two cross-encoder
 stand-ins with different seeds (``ce-a``, the default, and ``ce-b``: same architecture, different scoring
-heads, so their scores differ), a third model (``third``), and ``broken`` (a folder that is no model). Each
+heads, so their scores differ), the tiny LLM reranker stand-in (``llm``, a randomly initialised Qwen3, with
+its own default instruction), and ``broken`` (a folder that is no model). Each
 request is checked against the library's ``make_reranker`` for the model it named; the Reranker's batch log
 shows that no batch mixed two models; ``/info`` shows the LRU eviction; Ray's metrics endpoint shows the
 per-model series (at 0 from start-up, then counting); the cohere SDK and OpenAI's client talk to it.
@@ -14,15 +15,12 @@ see them (docs/BENCHMARKS.md, "Several rerank models").
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
-import shutil
 import statistics
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,45 +39,21 @@ DOCS = [
     "Compress data with gzip and return the bytes.",
     "Join one or more path segments intelligently.",
 ]
-DEFAULT, OTHER, THIRD, BROKEN = "ce-a", "ce-b", "third", "broken"
+DEFAULT, OTHER, THIRD, BROKEN = "ce-a", "ce-b", "llm", "broken"
+LLM_INSTRUCTION = "Given a question about Python, find the docstring that answers it"
 FIGURES: dict[str, float] = {}  # printed by the LRU test (docs/BENCHMARKS.md)
 
 
-def _seeded_standin(base: Path, out: Path, seed: int) -> Path:
-    """A copy of the offline stand-in whose scoring head is re-drawn with ``seed`` (same architecture and
-    cost, different scores): a second model to serve."""
-    if out.exists():
-        return out
-    import torch
-    from transformers import BertForSequenceClassification
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp)
-    model = BertForSequenceClassification.from_pretrained(str(tmp))
-    g = torch.Generator().manual_seed(seed)
-    w = model.classifier.weight
-    with torch.no_grad():
-        w.copy_(torch.randn(w.shape, generator=g) * float(w.std()))
-    model.save_pretrained(str(tmp))
-    (tmp / "rag_standin.json").write_text(json.dumps({"trained": False, "seed": seed}))
-    tmp.rename(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def model_dirs(state_dir: Path, tmp_path_factory) -> dict[str, str]:
-    from rag.models import build_standin_cross_encoder
-
-    base = build_standin_cross_encoder(Path(state_dir) / "models")
-    root = tmp_path_factory.mktemp("multimodel")
-    broken = root / "broken"
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    """Each served model's id: seeded stand-ins (rag.models' ``standin:`` ids), and a broken folder."""
+    broken = tmp_path_factory.mktemp("multimodel") / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")  # a folder, so no stand-in fallback; no model in it
     return {
-        DEFAULT: str(base),
-        OTHER: _seeded_standin(base, root / "standin-seed-2", 2).as_posix(),
-        THIRD: _seeded_standin(base, root / "standin-seed-3", 3).as_posix(),
+        DEFAULT: "standin:cross-encoder",
+        OTHER: "standin:cross-encoder:seed=2",
+        THIRD: "standin:llm",
         BROKEN: str(broken),
     }
 
@@ -88,7 +62,7 @@ def _models(dirs: dict[str, str]) -> list[dict[str, Any]]:
     return [
         {"name": DEFAULT, "model": dirs[DEFAULT], "default": True},
         {"name": OTHER, "model": dirs[OTHER]},
-        {"name": THIRD, "model": dirs[THIRD]},
+        {"name": THIRD, "model": dirs[THIRD], "backend": "llm", "instruction": LLM_INSTRUCTION},
         {"name": BROKEN, "model": dirs[BROKEN]},
     ]
 
@@ -328,6 +302,28 @@ def test_lru_eviction_at_the_limit_and_load_on_demand(live):
         f" with 2 {FIGURES.get('rss_two_models_mb', 0):.0f} MiB"
     )
     assert cold_third > warm_s and cold_other > warm_s
+
+
+def test_instructions_reach_the_llm_reranker_and_a_cross_encoder_refuses_one(live, library_scores, state_dir):
+    """After the LRU test, the LLM (THIRD) is loaded. Its entry's instruction is its default; a request's own
+    instruction replaces it (scores equal the library's with that instruction); a cross-encoder says 422."""
+    from rag.rerank import make_reranker
+    from rag.rerank_engine import RerankEngine, RerankOptions
+    from rag.settings import Settings
+
+    own = "Find the passage that names a Python function"
+    default = live.scores(live.rerank(THIRD))
+    assert default == pytest.approx(library_scores[THIRD], abs=1e-5)
+    body = {"model": THIRD, "query": QUERY, "documents": DOCS, "instruction": own}
+    told = live.scores(live.post("/v2/rerank", body))
+    cfg = Settings(data_dir=state_dir, offline=True, **live.args).slice("reranker")
+    c = cfg.for_model(next(m for m in cfg.served_models() if m.name == THIRD))
+    want = RerankEngine(make_reranker(c), c).rerank_sync(QUERY, DOCS, RerankOptions(instruction=own)).scores
+    assert told == pytest.approx(want, abs=1e-5) and told != pytest.approx(default, abs=1e-6)
+    search = live.post("/search", {"query": QUERY, "rerank_model": THIRD, "instruction": own}).json()
+    assert search["reranker"]["reranked"] and search["reranker"]["name"] == THIRD
+    refused = live.post("/v2/rerank", {**body, "model": OTHER})
+    assert refused.status_code == 422 and "instruction" in refused.json()["error"], refused.text
 
 
 def test_a_model_that_fails_to_load_is_a_503_naming_it_while_others_serve(live, library_scores):
