@@ -42,7 +42,9 @@ __all__ = [
 ]
 
 INDEX_TYPES: tuple[str, ...] = get_args(IndexType)  # hnsw, halfvec, binary, diskann
-MAX_CANDIDATES = 1000  # pgvector's ef_search bound; a binary search re-ranks at most this many rows
+# A binary search re-ranks at most this many rows. Past ef_search's bound (1000) the iterative scan (always on
+# for binary) keeps returning rows, up to hnsw.max_scan_tuples (20,000 by default).
+MAX_CANDIDATES = 4000
 
 # distance -> (operator, float32 opclass, halfvec opclass); binary uses Hamming whatever the distance
 _OPS: dict[str, tuple[str, str, str]] = {
@@ -125,8 +127,8 @@ def ann_order(index_type: str, embedding: sql.Composable, dim: int, distance: st
 
 
 def candidates(index_type: str, k: int, rerank_factor: float) -> int:
-    """Rows the index returns for a query of ``k``: ``k x rerank_factor`` for binary (at most 1000, at
-    least k), else ``k``."""
+    """Rows the index returns for a query of ``k``: ``k x rerank_factor`` for binary (at most
+    ``MAX_CANDIDATES``, at least k), else ``k``."""
     if index_type != "binary":
         return k
     return max(k, min(MAX_CANDIDATES, round(k * rerank_factor)))
