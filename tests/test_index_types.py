@@ -4,6 +4,7 @@ reports itself; binary re-ranks its candidates by the full vectors; the registry
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 import numpy as np
@@ -50,7 +51,7 @@ def _fill(store: Store, name: str, x: np.ndarray, batches: int = 1) -> None:
         for i in range(len(x))
     ]
     edges = np.linspace(0, len(x), batches + 1).astype(int)
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         store.write_batch(name, docs[lo:hi], rows[lo:hi], x[lo:hi])
     with store.connection() as c:
         c.execute(f"ANALYZE rag_chunks_{name}")
@@ -103,7 +104,9 @@ def test_each_index_type_creates_ingests_searches_and_reports_itself(ann_store, 
         assert hits.strategy == (kind if kind == "diskann" else f"{kind}+iterative"), hits.strategy
         assert len(hits) == k and all(int(h["id"][1:]) % 2 == 0 for h in hits)
     # a filter matching 3 rows: every one of them, whatever path ran
-    hits = ann_store.search(name, queries[0], k, filter={"source": "even", "doc_id": {"in": ["d0", "d2", "d4", "d5"]}})
+    hits = ann_store.search(
+        name, queries[0], k, filter={"source": "even", "doc_id": {"in": ["d0", "d2", "d4", "d5"]}}
+    )
     assert sorted(h["id"] for h in hits) == ["d0", "d2", "d4"]
 
     hybrid = ann_store.search(name, queries[0], k, query="note about topic 3", mode="hybrid")
