@@ -113,6 +113,29 @@ def test_each_index_type_creates_ingests_searches_and_reports_itself(ann_store, 
     assert hybrid.strategy.startswith(f"hybrid({kind}") and len(hybrid) == k
 
 
+def test_the_async_store_reports_and_searches_each_type(db_url, ann_store, name):
+    """What the Retriever's ``/info`` reports (``AsyncStore.index_types``), and its search of a halfvec
+    collection, which reaches the halfvec index."""
+    import asyncio
+
+    from rag.store import AsyncStore
+
+    x, queries = _data()
+    ann_store.ensure_collection(name, dim=DIM, embedding_model="synthetic", index_type="halfvec")
+    _fill(ann_store, name, x)
+
+    async def go():
+        s = AsyncStore(make_conninfo(db_url, options="-c enable_seqscan=off"), max_size=1)
+        await s.open()
+        try:
+            return await s.index_types(), await s.search(name, queries[0], 10)
+        finally:
+            await s.close()
+
+    kinds, hits = asyncio.run(go())
+    assert kinds[name] == "halfvec" and hits.strategy == "halfvec" and len(hits) == 10
+
+
 def test_binary_reranks_its_hamming_candidates_by_the_full_vectors(ann_store, name):
     x, queries = _data(seed=5)
     ann_store.ensure_collection(name, dim=DIM, embedding_model="synthetic", index_type="binary")
