@@ -3,7 +3,8 @@
     rag bench rerank   seed CrossEncoder.predict fp32 vs our reranker on Cranfield; fidelity; FLOPs, floor
     rag bench ingest   document embedding vs plain SentenceTransformer.encode; stage-1 nDCG@10 per dtype
     rag bench store    pgvector HNSW, 200k clustered synthetic vectors: build, latency, recall, ef_search;
-                       --filters: filtered search; --modes: dense, lexical and hybrid search, index builds
+                       --filters: filtered search; --modes: dense, lexical and hybrid search, index builds;
+                       --index-types: hnsw, halfvec, binary, diskann side by side (size, buffers, recall)
     rag bench fusion   hybrid fusion's parameters (RRF k, weights, depth; min-max score fusion) on Cranfield
     rag bench serve    load test of a running Serve app's /search at several concurrencies; JSON + PNG
     rag bench cache    the rerank score cache off and on: Zipf-distributed repeated /search, p50/p95, hit rate
@@ -145,7 +146,8 @@ def ingest(
 @app.command()
 def store(
     vectors: Annotated[
-        int, typer.Option(help="Synthetic vectors to load (clustered, 384 dimensions).")
+        int,
+        typer.Option("--vectors", "--rows", help="Synthetic vectors to load (clustered, 384 dimensions)."),
     ] = 200_000,
     dim: Annotated[int, typer.Option(help="Vector dimension.")] = 384,
     clusters: Annotated[int, typer.Option(help="Gaussian clusters the vectors are drawn from.")] = 2000,
@@ -154,7 +156,9 @@ def store(
     ef_search: Annotated[str, typer.Option(help="Comma-separated hnsw.ef_search values to sweep.")] = (
         "100,120,160,200,300,400,600,800"
     ),
-    maintenance_work_mem: Annotated[str, typer.Option(help="For the index build.")] = "1GB",
+    maintenance_work_mem: Annotated[
+        str, typer.Option(help="For the index build (--index-types: 1GB means rows x 3 KB, >= 1GB).")
+    ] = "1GB",
     parallel_workers: Annotated[
         int, typer.Option(help="max_parallel_maintenance_workers for the build.")
     ] = 1,
@@ -176,6 +180,24 @@ def store(
             "and size.",
         ),
     ] = False,
+    index_types: Annotated[
+        str | None,
+        typer.Option(
+            help="Index types instead, side by side (comma-separated: hnsw,halfvec,binary,diskann), in a "
+            "dedicated embedded server: build time, size on disk and in shared buffers, p50/p99, recall@k.",
+            show_default=False,
+        ),
+    ] = None,
+    sweep_ef: Annotated[
+        str, typer.Option(help="--index-types: ef_search (diskann: search list size) values.")
+    ] = "150,300,600",
+    rerank_factors: Annotated[str, typer.Option(help="--index-types: binary re-rank factors.")] = "4,8,16",
+    warmup: Annotated[
+        int, typer.Option(help="--index-types: warm-up queries before buffers are counted.")
+    ] = 500,
+    shared_buffers: Annotated[
+        str | None, typer.Option(help="--index-types: the server's shared_buffers [rows x 5 KB, >= 1GB].")
+    ] = None,
     as_json: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
@@ -188,6 +210,27 @@ def store(
     the configured ef_search (--ef-search is ignored; --queries defaults to 200 there too)."""
     from bench import store as sb
 
+    if index_types:
+        from bench import store_indexes as si
+
+        r = si.run_index_types(
+            _settings(),
+            index_types=[x.strip() for x in index_types.split(",") if x.strip()],
+            n=vectors,
+            dim=dim,
+            clusters=clusters,
+            n_queries=queries,
+            warmup=warmup,
+            k=k,
+            ef_values=[int(x) for x in sweep_ef.split(",") if x.strip()],
+            rerank_factors=[float(x) for x in rerank_factors.split(",") if x.strip()],
+            shared_buffers=shared_buffers,
+            maintenance_work_mem=None if maintenance_work_mem == "1GB" else maintenance_work_mem,
+            parallel_workers=parallel_workers,
+            out=out,
+        )
+        _finish(r, as_json, out, si.index_types_summary(r))
+        return
     if modes:
         from bench import store_modes as sm
 

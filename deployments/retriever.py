@@ -144,6 +144,7 @@ class Retriever:
             store = await self._get_store()
             out["database"] = await store.server_info()
             out["lexical"] = await store.lexical_info()
+            out["index_types"] = await store.index_types()  # per collection: hnsw, halfvec, binary, diskann
         except Exception as e:  # /info still answers while the database is down
             out["database"] = {"error": str(e)}
         return out

@@ -63,6 +63,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Runtime = Literal["auto", "torch", "openvino"]
 LexicalIndexKind = Literal["auto", "bm25", "fts"]
+IndexType = Literal["hnsw", "halfvec", "binary", "diskann"]  # rag.store.indexes
 Screen = Literal["auto", "fp32", "bf16", "int8"]
 Aggregation = Literal["max", "mean", "first"]
 
@@ -221,6 +222,21 @@ class Settings(BaseSettings):
         ge=1.0,
         le=10.0,
         description="ef_search = k x this: the recall margin over k (1.0 = exactly k).",
+    )
+    # -- vector index types (rag.store.indexes; docs/BENCHMARKS.md, index types) --
+    index_type: IndexType = _f(
+        "hnsw",
+        "store",
+        description="Vector index new collections get: hnsw (float32), halfvec (half-precision HNSW), binary "
+        "(bit HNSW + re-rank by the full vectors), diskann (pgvectorscale). Existing ones keep theirs.",
+    )
+    binary_rerank_factor: float = _f(
+        4.0,
+        "store",
+        ge=1.0,
+        le=100.0,
+        description="A binary index fetches k x this candidates by Hamming distance, re-ranked by the full "
+        "vectors (at most 1000).",
     )
     lexical_index: LexicalIndexKind = _f(
         "auto",

@@ -22,6 +22,7 @@ from rag.settings import (
     Aggregation,
     Device,
     DType,
+    IndexType,
     LexicalIndexKind,
     RerankerBackend,
     RerankModel,
@@ -120,6 +121,8 @@ class StoreConfig(StageConfig):
     hnsw_ef_construction: int = _same("hnsw_ef_construction")
     hnsw_ef_search_min: int = _same("hnsw_ef_search_min")
     hnsw_ef_search_factor: float = _same("hnsw_ef_search_factor")
+    index_type: IndexType = _same("index_type")
+    binary_rerank_factor: float = _same("binary_rerank_factor")
     lexical_index: LexicalIndexKind = _same("lexical_index")
     text_search_config: str = _same("text_search_config")
     fusion_rrf_k: int = _same("fusion_rrf_k")
@@ -142,12 +145,14 @@ class StoreConfig(StageConfig):
             "timeout_s": self.connect_timeout_s,
             "ef_search_min": self.hnsw_ef_search_min,
             "ef_search_factor": self.hnsw_ef_search_factor,
+            "binary_rerank_factor": self.binary_rerank_factor,
             "fusion": self.fusion(),
         }
         if writer:
             kw.update(
                 hnsw_m=self.hnsw_m,
                 hnsw_ef_construction=self.hnsw_ef_construction,
+                index_type=self.index_type,
                 lexical_index=self.lexical_index,
                 text_search_config=self.text_search_config,
             )

@@ -31,6 +31,14 @@ def ingest(
     collection: CollectionOpt = None,
     chunk_tokens: Annotated[int | None, typer.Option(help="Chunk size in tokens [RAG_CHUNK_TOKENS].")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Overlap in tokens [RAG_CHUNK_OVERLAP].")] = None,
+    index_type: Annotated[
+        str | None,
+        typer.Option(
+            help="Vector index of a NEW collection [RAG_INDEX_TYPE]: hnsw (float32), halfvec, binary (bit "
+            "HNSW + re-rank by full vectors) or diskann (pgvectorscale). An existing one keeps its own.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Chunk, embed and store documents. Re-running adds nothing new; changed documents are replaced.
@@ -44,8 +52,22 @@ def ingest(
 
     if not paths and not demo:
         raise typer.BadParameter("give one or more PATHs, or --demo for the stdlib demo corpus")
-    s = _settings(collection=collection, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+    if index_type is not None:
+        from rag.store.indexes import INDEX_TYPES
+
+        if index_type not in INDEX_TYPES:
+            raise typer.BadParameter(f"pick one of {', '.join(INDEX_TYPES)}", param_hint="--index-type")
+    s = _settings(
+        collection=collection, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, index_type=index_type
+    )
     p = Pipeline(s)
+    has = p.store.index_types().get(s.collection)
+    if index_type is not None and has is not None and has != index_type:
+        raise typer.BadParameter(
+            f"collection {s.collection!r} has a {has} index, chosen when it was created: ingest into another "
+            f"--collection, or drop it first (`rag db drop-collection {s.collection}`)",
+            param_hint="--index-type",
+        )
     if if_empty and p.store.count(s.collection) > 0:
         typer.echo(
             f"collection {s.collection!r} already has {p.store.count(s.collection)} chunks: nothing to do"

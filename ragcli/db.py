@@ -63,7 +63,8 @@ def db_status() -> None:
         bm25 = f"BM25 (pg_textsearch {lex['pg_textsearch']})" if lex["pg_textsearch"] else "full-text search"
         typer.echo(
             f"  PostgreSQL {info['postgresql']}, pgvector {info['pgvector']} "
-            f"(iterative index scans: {'yes' if info['iterative_scan'] else 'no'}); lexical search: {bm25}"
+            f"(iterative index scans: {'yes' if info['iterative_scan'] else 'no'}); lexical search: {bm25}; "
+            f"DiskANN: {('pgvectorscale ' + info['vectorscale']) if info['vectorscale'] else 'no'}"
         )
         for c in store.collections():
             if c.get("kind") == "attached" and c.get("error"):
@@ -77,7 +78,8 @@ def db_status() -> None:
                 continue
             typer.echo(
                 f"  collection {c['name']}: {c['documents']} documents, {c['chunks']} chunks, "
-                f"{c['dim']}-dim ({c['embedding_model']}), lexical index {c['lexical'] or 'none'}"
+                f"{c['dim']}-dim ({c['embedding_model']}), {c['index_type']} vector index, "
+                f"lexical index {c['lexical'] or 'none'}"
             )
 
 

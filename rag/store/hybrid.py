@@ -40,6 +40,7 @@ from psycopg import sql
 
 from rag.errors import InvalidInput
 from rag.store.filters import SearchFilter
+from rag.store.indexes import candidates
 from rag.store.lexical import LexicalIndex
 from rag.store.search import (
     EXACT_ROWS_PER_K,
@@ -48,6 +49,7 @@ from rag.store.search import (
     Step,
     Target,
     ann_scan_rows,
+    ann_strategy,
     dense_select,
     hits_from_rows,
     index_scanned,
@@ -153,10 +155,11 @@ def _fused(
     *,
     exact: bool,
     scored: bool,
+    rerank_factor: float = 1.0,
 ) -> tuple[sql.Composable, list[Any]]:
     """The hybrid statement: both sides' top ``depth`` as derived tables, fused by RRF, cut to ``k``; the
     last column is how many rows the dense side returned."""
-    dense, dparams = dense_select(t, filt, exact=exact)
+    dense, dparams = dense_select(t, filt, vector, depth, exact=exact, rerank_factor=rerank_factor)
     lexq, lparams = lexical_rows(t, lex, filt, vector, text, depth, scored=scored)
     cols = sql.SQL(", ").join(sql.SQL("coalesce(d.{c}, l.{c})").format(c=sql.Identifier(c)) for c in _COLS)
     q = sql.SQL(
@@ -173,7 +176,7 @@ def _fused(
         + sql.SQL(" + ")
         + fusion.term(fusion.lexical_weight, sql.SQL("l.r")),
     )
-    return q, [vector, *dparams, depth, *lparams, k]
+    return q, [*dparams, *lparams, k]
 
 
 def _bm25_index(lex: LexicalIndex) -> str | None:
@@ -234,6 +237,7 @@ def plan_hybrid(
     ef: Callable[[int], int],
     iterative: bool,
     exact_rows_per_k: float = EXACT_ROWS_PER_K,
+    rerank_factor: float = 1.0,
 ) -> Generator[Step, Any, SearchHits]:
     """Dense and lexical top-N fused by RRF, in one statement (see the module docstring); ``ef``: the
     ef_search of a dense search of N rows."""
@@ -241,9 +245,22 @@ def plan_hybrid(
     depth = fusion.depth(k)
 
     def fused(exact_dense: bool, scored: bool) -> tuple[sql.Composable, list[Any]]:
-        return _fused(t, lex, filt, vector, text, k, depth, fusion, exact=exact_dense, scored=scored)
+        return _fused(
+            t,
+            lex,
+            filt,
+            vector,
+            text,
+            k,
+            depth,
+            fusion,
+            exact=exact_dense,
+            scored=scored,
+            rerank_factor=rerank_factor,
+        )
 
-    yield settings_step(ef(depth), filtered=filt is not None, iterative=iterative)
+    n = candidates(t.index, depth, rerank_factor)
+    yield settings_step(ef(n), filtered=filt is not None, iterative=iterative, index=t.index)
     q, params = fused(exact, False)
     plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + q, params)
     tree = plan[0][0] if plan else None
@@ -260,7 +277,7 @@ def plan_hybrid(
     if filt is not None and estimate <= exact_rows_per_k * depth:
         return done((yield Step(*fused(True, scored))), "exact")
     rows = yield Step(*fused(False, scored))
-    dense = "hnsw+iterative" if iterative and filt is not None else "hnsw"
+    dense = ann_strategy(t, filtered=filt is not None, iterative=iterative)
     if rows and (rows[0][-1] or 0) >= depth:
         return done(rows, dense)
     return done((yield Step(*fused(True, scored))), dense + "->exact")
@@ -289,13 +306,29 @@ def plan(
     exact: bool,
     ef: Callable[[int], int],
     iterative: bool,
+    rerank_factor: float = 1.0,
 ) -> Generator[Step, Any, SearchHits]:
     """The policy of ``mode`` for one search (``hybrid`` without a lexical index is ``dense``); ``ef``: the
-    ef_search of a dense search of a given number of rows."""
+    ef_search of a dense search of a given number of rows; ``rerank_factor``: candidates per row asked for,
+    of a ``binary`` index (``rag.store.indexes.candidates``)."""
     if mode == "dense" or (mode == "hybrid" and t.lexical is None):
-        return plan_search(t, vector, k, filt, exact=exact, ef=ef(k), iterative=iterative)
+        n = candidates(t.index, k, rerank_factor)
+        return plan_search(
+            t, vector, k, filt, exact=exact, ef=ef(n), iterative=iterative, rerank_factor=rerank_factor
+        )
     if text is None or not text.strip():
         raise InvalidInput(f'mode "{mode}" needs the query text: pass query=...')
     if mode == "lexical":
         return plan_lexical(t, vector, text, k, filt, fusion)
-    return plan_hybrid(t, vector, text, k, filt, fusion, exact=exact, ef=ef, iterative=iterative)
+    return plan_hybrid(
+        t,
+        vector,
+        text,
+        k,
+        filt,
+        fusion,
+        exact=exact,
+        ef=ef,
+        iterative=iterative,
+        rerank_factor=rerank_factor,
+    )

@@ -4,7 +4,8 @@
 ``rag_docs_<name>`` / ``rag_chunks_<name>`` tables) and ``attached`` (a user's existing table, read only;
 its column mapping is the ``attached`` jsonb). Every process that opens the database sees both by name.
 ``lexical`` (jsonb, ``rag.store.lexical.LexicalIndex``) is how a collection is searched lexically; NULL:
-dense only. Migration 3 gives every owned collection its lexical index.
+dense only. Migration 3 gives every owned collection its lexical index. ``index_type`` (migration 4) is the
+collection's vector index (``rag.store.indexes``); ``hnsw`` for every collection made before it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = [
     "unavailable",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS: dict[int, str | Callable[[psycopg.Connection, str, str], None]] = {
     1: """
@@ -86,22 +87,28 @@ def _lexical_for_owned(conn: psycopg.Connection, method: str, config: str) -> No
 
 
 _MIGRATIONS[3] = _lexical_for_owned
+# Each collection's vector index type (rag.store.indexes): every collection made before is HNSW over float32.
+# Adding a column with a constant default rewrites nothing and keeps every row. (The valid values are checked
+# where collections are created, against rag.store.indexes.INDEX_TYPES.)
+_MIGRATIONS[4] = "ALTER TABLE rag_collections ADD COLUMN index_type text NOT NULL DEFAULT 'hnsw'"
 
 # What a collection lookup reads from the registry (in this order).
-REGISTRY_COLUMNS = "name, kind, dim, embedding_model, attached, created_at, lexical"
+REGISTRY_COLUMNS = "name, kind, dim, embedding_model, attached, created_at, lexical, index_type"
 
-# One round trip: server version, pgvector's installed version, and whether its library (loaded by the
-# cast) defines hnsw.iterative_scan (pgvector >= 0.8).
+# One round trip: server version, pgvector's installed version, whether its library (loaded by the cast)
+# defines hnsw.iterative_scan (pgvector >= 0.8), and the pgvectorscale this server can create (the diskann
+# index type; None: not installed on the server).
 SERVER_INFO_SQL = (
     "SELECT current_setting('server_version'),"
     " (SELECT extversion FROM pg_extension WHERE extname = 'vector'),"
-    " ('[1]'::vector IS NOT NULL) AND current_setting('hnsw.iterative_scan', true) IS NOT NULL"
+    " ('[1]'::vector IS NOT NULL) AND current_setting('hnsw.iterative_scan', true) IS NOT NULL,"
+    " (SELECT default_version FROM pg_available_extensions WHERE name = 'vectorscale')"
 )
 
 
 def server_info_from_row(row: tuple[Any, ...]) -> dict[str, Any]:
     version = str(row[0]).split()[0]  # '18.3 (Debian 18.3-1.pgdg13+1)' -> '18.3'
-    return {"postgresql": version, "pgvector": row[1], "iterative_scan": bool(row[2])}
+    return {"postgresql": version, "pgvector": row[1], "iterative_scan": bool(row[2]), "vectorscale": row[3]}
 
 
 # pg_textsearch's version where this database has it (``migrate`` creates it where the server can).

@@ -44,6 +44,7 @@ from psycopg import sql
 
 from rag.errors import DimensionMismatch, InvalidInput
 from rag.store.filters import SearchFilter
+from rag.store.indexes import ann_order, candidates, is_hnsw
 from rag.store.lexical import LexicalIndex
 from rag.validation import validate_collection_name
 
@@ -55,6 +56,7 @@ __all__ = [
     "Step",
     "Target",
     "ann_scan_rows",
+    "ann_strategy",
     "check_k",
     "check_vector",
     "dense_select",
@@ -114,9 +116,10 @@ class Target:
     not_null: bool = True  # the embedding column is NOT NULL (else NULL rows are filtered out)
     info: Mapping[str, Any] = field(default_factory=dict)
     lexical: LexicalIndex | None = None  # None: dense only
+    index: str = "hnsw"  # rag.store.indexes.INDEX_TYPES (an attached table: its own HNSW index)
 
 
-def owned_target(name: str, dim: int, lexical: LexicalIndex | None = None) -> Target:
+def owned_target(name: str, dim: int, lexical: LexicalIndex | None = None, index: str = "hnsw") -> Target:
     validate_collection_name(name)
     cols = {c: sql.Identifier(c) for c in ("id", "doc_id", "source", "chunk_index", "content", "metadata")}
     cols["embedding"] = sql.Identifier("embedding")
@@ -129,6 +132,7 @@ def owned_target(name: str, dim: int, lexical: LexicalIndex | None = None) -> Ta
         "cosine",
         cols,
         lexical=lexical,
+        index=index,
     )
 
 
@@ -203,16 +207,30 @@ def where(
 
 
 def dense_select(
-    t: Target, filt: SearchFilter | None, *, exact: bool = False
+    t: Target,
+    filt: SearchFilter | None,
+    vector: np.ndarray,
+    limit: int,
+    *,
+    exact: bool = False,
+    rerank_factor: float = 1.0,
 ) -> tuple[sql.Composable, list[Any]]:
-    """The dense query, ``... ORDER BY distance LIMIT %s``, and its parameters without the vector and the
-    limit: ``[vector, *params, k]`` is the full list. ``exact``: behind an ``OFFSET 0`` fence, which keeps the
-    planner from ordering by the ANN index (an exact top-k; filters still use their own indexes)."""
+    """The dense query of ``limit`` rows, ``... ORDER BY distance LIMIT %s``, and all its parameters.
+    ``exact``: behind an ``OFFSET 0`` fence, which keeps the planner from ordering by the ANN index (an exact
+    top-k; filters still use their own indexes). An index type other than ``hnsw`` orders its candidates by
+    its own expression (``rag.store.indexes.ann_order``; ``k x rerank_factor`` of them for ``binary``) in a
+    subquery, which the outer query sorts by the full-precision distance."""
     cond, params = where(t, filt)
     inner = sql.SQL("SELECT {} FROM {}{}").format(row_columns(t), t.table, cond)
-    if exact:
-        inner = sql.SQL("SELECT * FROM ({} OFFSET 0) AS fenced").format(inner)
-    return inner + sql.SQL(" ORDER BY distance LIMIT %s"), params
+    if exact or t.index == "hnsw":
+        if exact:
+            inner = sql.SQL("SELECT * FROM ({} OFFSET 0) AS fenced").format(inner)
+        return inner + sql.SQL(" ORDER BY distance LIMIT %s"), [vector, *params, limit]
+    order = ann_order(t.index, t.columns["embedding"], t.dim, t.distance)
+    q = sql.SQL("SELECT * FROM ({} ORDER BY {} LIMIT %s) AS candidates ORDER BY distance, 1 LIMIT %s").format(
+        inner, order
+    )
+    return q, [vector, *params, vector, candidates(t.index, limit, rerank_factor), limit]
 
 
 def _resorted(inner: sql.Composable) -> sql.Composable:
@@ -290,19 +308,33 @@ def hits_from_rows(t: Target, rows: Sequence[Sequence[Any]], strategy: str) -> S
     return SearchHits((hit(r) for r in rows), strategy)
 
 
-def settings_step(ef: int, *, filtered: bool, iterative: bool) -> Step:
-    """``set_config`` for this transaction: ef_search, custom plans, the iterative scan when filtered."""
-    if filtered and not iterative:
-        ef = MAX_EF_SEARCH  # post-filtering: as many candidates as pgvector allows
-    settings = [("hnsw.ef_search", str(ef)), ("plan_cache_mode", "force_custom_plan")]
-    if filtered and iterative:
-        settings.append(("hnsw.iterative_scan", "relaxed_order"))
+def settings_step(ef: int, *, filtered: bool, iterative: bool, index: str = "hnsw") -> Step:
+    """``set_config`` for this transaction: custom plans, and the index's query-time knobs. HNSW types:
+    ef_search, the iterative scan when filtered (always for ``binary``, whose candidates may outnumber
+    ef_search). DiskANN: ``diskann.query_search_list_size`` and ``diskann.query_rescore`` = ``ef`` (every
+    candidate in the search list is re-scored by its full vector, so ``ef`` plays the part of a re-rank
+    depth); its scan is streaming, so a filter needs nothing more."""
+    settings = [("plan_cache_mode", "force_custom_plan")]
+    if is_hnsw(index):
+        if filtered and not iterative:
+            ef = MAX_EF_SEARCH  # post-filtering: as many candidates as pgvector allows
+        settings.append(("hnsw.ef_search", str(ef)))
+        if iterative and (filtered or index == "binary"):
+            settings.append(("hnsw.iterative_scan", "relaxed_order"))
+    else:
+        settings.append(("diskann.query_search_list_size", str(ef)))
+        settings.append(("diskann.query_rescore", str(ef)))
     return Step(
         sql.SQL("SELECT ")
         + sql.SQL(", ").join(
             sql.SQL("set_config({}, {}, true)").format(sql.Literal(n), sql.Literal(v)) for n, v in settings
         )
     )
+
+
+def ann_strategy(t: Target, *, filtered: bool, iterative: bool) -> str:
+    """The strategy name of an index path: the index type, ``+iterative`` for a filtered HNSW scan."""
+    return t.index + ("+iterative" if filtered and iterative and is_hnsw(t.index) else "")
 
 
 def plan_search(
@@ -315,17 +347,17 @@ def plan_search(
     ef: int,
     iterative: bool,
     exact_rows_per_k: float = EXACT_ROWS_PER_K,
+    rerank_factor: float = 1.0,
 ) -> Generator[Step, Any, SearchHits]:
     """The dense policy (see the module docstring), inside a read-only transaction the caller began; send
-    each step's rows (``None`` for non-fetching)."""
-    query, fparams = dense_select(t, filt)
-    exact_query, _ = dense_select(t, filt, exact=True)
-    params = [vector, *fparams, k]
-    yield settings_step(ef, filtered=filt is not None, iterative=iterative)
+    each step's rows (``None`` for non-fetching). ``ef``: the HNSW ef_search (DiskANN's search list size)."""
+    query, params = dense_select(t, filt, vector, k, rerank_factor=rerank_factor)
+    exact_query, exact_params = dense_select(t, filt, vector, k, exact=True)
+    yield settings_step(ef, filtered=filt is not None, iterative=iterative, index=t.index)
     if exact:
-        rows = yield Step(exact_query, params)
+        rows = yield Step(exact_query, exact_params)
         return hits_from_rows(t, rows, "exact")
-    full = _resorted(query) if iterative and filt is not None else query
+    full = _resorted(query) if iterative and filt is not None and t.index == "hnsw" else query
     plan = yield Step(sql.SQL("EXPLAIN (FORMAT JSON) ") + full, params)
     estimate = ann_scan_rows(plan[0][0] if plan else None)
     if estimate is None:
@@ -334,11 +366,11 @@ def plan_search(
     if filt is not None and estimate <= exact_rows_per_k * k:
         # few enough matching rows (the planner's estimate) that an exact scan costs about what the
         # iterative scan does, at full recall (docs/BENCHMARKS.md, filtered search)
-        rows = yield Step(exact_query, params)
+        rows = yield Step(exact_query, exact_params)
         return hits_from_rows(t, rows, "exact")
     rows = yield Step(full, params)
-    strategy = "hnsw+iterative" if iterative and filt is not None else "hnsw"
+    strategy = ann_strategy(t, filtered=filt is not None, iterative=iterative)
     if len(rows) >= k:
         return hits_from_rows(t, rows, strategy)
-    rows = yield Step(exact_query, params)
+    rows = yield Step(exact_query, exact_params)
     return hits_from_rows(t, rows, strategy + "->exact")

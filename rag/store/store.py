@@ -20,6 +20,7 @@ from rag.store.collections import OwnedCollections
 from rag.store.core import Program, StoreCore, T
 from rag.store.filters import SearchFilter
 from rag.store.hybrid import Fusion
+from rag.store.indexes import check_index_type
 from rag.store.schema import REGISTRY_COLUMNS, migrate, unavailable
 from rag.store.search import SearchHits, Step, Target
 from rag.store.tables import BROKEN, table_changed, target_from_row
@@ -46,8 +47,9 @@ def drive(conn: psycopg.Connection, program: Program[T], step: Step) -> T:
 class Store(StoreCore, OwnedCollections, AttachedTables):
     """Synchronous store over a psycopg connection pool (``configure=register_vector``).
 
-    The constructor applies the schema migrations (``migrate``) and opens the pool; ``lexical_index`` and
-    ``text_search_config`` are what new owned collections (and migrated ones) get."""
+    The constructor applies the schema migrations (``migrate``) and opens the pool; ``index_type`` (the
+    vector index, ``rag.store.indexes``), ``lexical_index`` and ``text_search_config`` are what new owned
+    collections (and, for the lexical ones, migrated ones) get."""
 
     def __init__(
         self,
@@ -61,6 +63,8 @@ class Store(StoreCore, OwnedCollections, AttachedTables):
         filtered_ef_factor: float = 2.0,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
+        index_type: str = "hnsw",
+        binary_rerank_factor: float = 4.0,
         lexical_index: str = "auto",
         text_search_config: str = "english",
         fusion: Fusion | None = None,
@@ -76,7 +80,9 @@ class Store(StoreCore, OwnedCollections, AttachedTables):
             ef_search_factor=ef_search_factor,
             filtered_ef_factor=filtered_ef_factor,
             fusion=fusion,
+            binary_rerank_factor=binary_rerank_factor,
         )
+        self.index_type = check_index_type(index_type)
         self.hnsw_m = hnsw_m
         self.hnsw_ef_construction = hnsw_ef_construction
         self.lexical_index = lexical_index
@@ -136,6 +142,10 @@ class Store(StoreCore, OwnedCollections, AttachedTables):
         """Where ``collection`` lives (owned or attached); CollectionError if it does not exist."""
         return self.run(self.target_program(collection))
 
+    def index_types(self) -> dict[str, str]:
+        """Every collection's vector index type by name (``hnsw``, ``halfvec``, ``binary``, ``diskann``)."""
+        return self.run(self.index_types_program())
+
     def collection_dim(self, collection: str) -> int:
         """The collection's vector dimension (for an attached table, its embedding column's);
         CollectionError if it does not exist."""
@@ -185,6 +195,7 @@ class Store(StoreCore, OwnedCollections, AttachedTables):
             "chunks": n_chunks,
             "created_at": row[5].isoformat(),
             "lexical": t.lexical.method if t.lexical else None,
+            "index_type": t.index,
         }
         if t.kind == "owned":
             docs = sql.Identifier(f"rag_docs_{t.name}")

@@ -250,10 +250,10 @@ def create_index_sql(conn: psycopg.Connection, schema: str, table: str, column: 
 
 def target_from_row(row: tuple[Any, ...]) -> Target:
     """A ``Target`` from a registry row (``schema.REGISTRY_COLUMNS``): owned or attached."""
-    name, kind, dim, _model, attached, _created, lexical = row
+    name, kind, dim, _model, attached, _created, lexical, index_type = row
     lex = LexicalIndex.from_json(lexical)
     if kind != "attached":
-        return owned_target(name, int(dim), lex)
+        return owned_target(name, int(dim), lex, index_type or "hnsw")
     a = attached
     types = a["types"]
 
