@@ -8,6 +8,7 @@
 #    GPU matmul peak (fp32/fp16/bf16), fraction of the floor, fidelity to fp32 on 50 queries;
 # 3. Serve with four Reranker replicas on one GPU (num_gpus 0.25 each, from serve_config.yaml), checks that
 #    four processes hold the GPU, then `rag bench serve` at concurrency 1, 4, 16, 32 (JSON + PNG).
+# 2b. `rag bench llm-rerank` on CUDA: pairs/s of the LLM reranker at Qwen3-Reranker-0.6B's size (random weights).
 #
 # Environment: DATASET (Cranfield BEIR folder, default ../shared/datasets/cranfield), RAG (the rag command),
 # PY (python), PORT (8000), METRICS_PORT (8080). The Serve app and Ray are shut down on exit.
@@ -38,6 +39,9 @@ for dt in float16 bfloat16; do
   RAG_RERANK_DEVICE=cuda RAG_EMBEDDING_DEVICE=cuda "$RAG" bench rerank --dataset "$DATASET" --dtype "$dt" \
     --queries 30 --fidelity-queries 50 --out "$OUT/rerank-$dt.json" | tee "$OUT/rerank-$dt.txt"
 done
+
+log "2b. LLM reranker (issue 23): the stand-in and a random Qwen3-Reranker-0.6B-sized model on CUDA"
+RAG_RERANK_DEVICE=cuda "$RAG" bench llm-rerank --real-pairs 64 --out "$OUT/llm-rerank.json" | tee "$OUT/llm-rerank.txt"
 
 log "3. four reranker replicas on one GPU (num_gpus 0.25 each)"
 $PY - "$OUT/serve_4x025.yaml" <<'EOF'
