@@ -34,8 +34,9 @@ def ingest(
     index_type: Annotated[
         str | None,
         typer.Option(
-            help="Vector index of a NEW collection [RAG_INDEX_TYPE]: hnsw (float32), halfvec, binary (bit "
-            "HNSW + re-rank by full vectors) or diskann (pgvectorscale). An existing one keeps its own.",
+            help="Vector index of a NEW collection [RAG_INDEX_TYPE]: binary (the default: bit HNSW + re-rank "
+            "by full vectors, 1/6 of hnsw's memory), hnsw (float32, lowest latency), halfvec or diskann "
+            "(pgvectorscale). An existing one keeps its own. docs/retrieval.md compares them.",
             show_default=False,
         ),
     ] = None,

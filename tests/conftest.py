@@ -92,7 +92,10 @@ def reranker(settings):
 def store(settings, db_url):
     from rag.store import Store
 
-    s = Store(db_url, max_size=4)
+    # The store-level tests check HNSW's rules (ef_search, iterative scans, strategies), so this store makes
+    # hnsw collections; the default type (binary) and the others have tests/test_index_types.py, and the
+    # service and library tests use the default.
+    s = Store(db_url, max_size=4, index_type="hnsw")
     yield s
     s.close()
 

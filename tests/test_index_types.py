@@ -22,8 +22,10 @@ DIM, N = 48, 3000
 @pytest.fixture(scope="module")
 def ann_store(db_url):
     """A store whose planner never picks a sequential scan: these tables are small enough that it would,
-    and each test is about the index path (the exact fallbacks have their own tests)."""
-    s = Store(make_conninfo(db_url, options="-c enable_seqscan=off"), max_size=2)
+    and each test is about the index path (the exact fallbacks have their own tests). Binary re-ranks 4 x k
+    candidates here, not the default 16: on tables this small, 16 x k filtered candidates make the planner
+    sort the filter's rows instead of using the index (an exact scan, correct but not the path under test)."""
+    s = Store(make_conninfo(db_url, options="-c enable_seqscan=off"), max_size=2, binary_rerank_factor=4.0)
     yield s
     s.close()
 
@@ -232,7 +234,7 @@ def test_registry_migration_keeps_existing_collections_as_hnsw(db_url):
     url = make_conninfo(db_url, dbname=dbname)
     try:
         x, queries = _data()
-        with Store(url, max_size=1) as s:
+        with Store(url, max_size=1, index_type="hnsw") as s:  # what every collection had before schema 4
             s.ensure_collection("old", dim=DIM, embedding_model="m")
             _fill(s, "old", x[:500])
         with psycopg.connect(url, autocommit=True) as c:  # what schema 3 left behind

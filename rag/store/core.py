@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from rag.settings import DEFAULT_BINARY_RERANK_FACTOR
 from rag.store.filters import SearchFilter, parse_filter
 from rag.store.hybrid import Fusion, plan
 from rag.store.schema import (
@@ -51,7 +52,7 @@ class StoreCore:
         ef_search_factor: float = 1.5,
         filtered_ef_factor: float = 2.0,
         fusion: Fusion | None = None,
-        binary_rerank_factor: float = 4.0,
+        binary_rerank_factor: float = DEFAULT_BINARY_RERANK_FACTOR,
     ) -> None:
         self.url = url
         self.min_size, self.max_size, self.timeout_s = min_size, max_size, timeout_s

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from rag.settings import DEFAULT_BINARY_RERANK_FACTOR, DEFAULT_INDEX_TYPE
 from rag.store.attached import AttachedTables
 from rag.store.collections import OwnedCollections
 from rag.store.core import Program, StoreCore, T
@@ -63,8 +64,8 @@ class Store(StoreCore, OwnedCollections, AttachedTables):
         filtered_ef_factor: float = 2.0,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
-        index_type: str = "hnsw",
-        binary_rerank_factor: float = 4.0,
+        index_type: str = DEFAULT_INDEX_TYPE,
+        binary_rerank_factor: float = DEFAULT_BINARY_RERANK_FACTOR,
         lexical_index: str = "auto",
         text_search_config: str = "english",
         fusion: Fusion | None = None,
