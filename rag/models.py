@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -151,23 +152,36 @@ def embedding_dimension(model: str, *, offline: bool = False) -> int | None:
 def resolve_cross_encoder(model: str, *, cache_dir: Path, offline: bool = False) -> ResolvedModel:
     """Resolve the reranker; falls back (loudly) to the offline stand-in when the model is unavailable.
     ``standin:cross-encoder[:seed=N]`` asks for the stand-in itself (see ``parse_standin``)."""
-    if (standin := parse_standin(model, "cross-encoder")) is not None:
-        path = build_standin_cross_encoder(cache_dir, seed=standin)
-        return ResolvedModel(model, str(path), "stand-in", trained=False)
+    return _resolve_reranker(
+        model,
+        "cross-encoder",
+        lambda seed: build_standin_cross_encoder(cache_dir, seed=seed),
+        offline=offline,
+        what=f"reranker model {model!r}",
+        standin_is="MiniLM-L6 weights, untrained scoring head). Speed is representative; rankings are NOT. "
+        "Set RAG_RERANK_MODEL to a local copy of the real model for relevance.",
+    )
+
+
+def _resolve_reranker(
+    model: str, kind: str, build: Callable[[int], Path], *, offline: bool, what: str, standin_is: str
+) -> ResolvedModel:
+    """The rerankers' rule: ``standin:<kind>[:seed=N]`` is the stand-in itself; a folder is a local copy
+    (trained unless it carries the stand-in marker); then the hub; then, with a warning, the stand-in."""
+    if (standin := parse_standin(model, kind)) is not None:
+        return ResolvedModel(model, str(build(standin)), "stand-in", trained=False)
     p = Path(model).expanduser()
     if p.is_dir():
-        trained = not (p / STANDIN_MARKER).exists()
-        return ResolvedModel(model, str(p.resolve()), "local", trained=trained)
+        return ResolvedModel(model, str(p.resolve()), "local", trained=not (p / STANDIN_MARKER).exists())
     found = _from_hub(model, offline)
     if found is not None:
         return ResolvedModel(model, found[0], found[1])
-    path = build_standin_cross_encoder(cache_dir)
+    path = build(STANDIN_SEED)
     msg = (
-        f"reranker model {model!r} is not available (no local copy, no hub access): using the offline "
-        f"STAND-IN at {path} (MiniLM-L6 weights, untrained scoring head). Speed is representative; "
-        "rankings are NOT. Set RAG_RERANK_MODEL to a local copy of the real model for relevance."
+        f"{what} is not available (no local copy, no hub access): using the offline STAND-IN at {path} "
+        f"({standin_is}"
     )
-    warnings.warn(msg, StandInWarning, stacklevel=2)
+    warnings.warn(msg, StandInWarning, stacklevel=3)
     log.info(msg)
     return ResolvedModel(model, str(path), "stand-in", trained=False)
 
@@ -264,25 +278,15 @@ def _calibrate_head(model: Any, tok: Any) -> None:
 def resolve_llm_reranker(model: str, *, cache_dir: Path, offline: bool = False) -> ResolvedModel:
     """Resolve the LLM reranker like ``resolve_cross_encoder``: ``standin:llm[:seed=N]`` is the stand-in
     itself; an id nothing has falls back (loudly) to it."""
-    if (standin := parse_standin(model, "llm")) is not None:
-        return ResolvedModel(
-            model, str(build_standin_llm(cache_dir, seed=standin)), "stand-in", trained=False
-        )
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return ResolvedModel(model, str(p.resolve()), "local", trained=not (p / STANDIN_MARKER).exists())
-    found = _from_hub(model, offline)
-    if found is not None:
-        return ResolvedModel(model, found[0], found[1])
-    path = build_standin_llm(cache_dir)
-    msg = (
-        f"LLM reranker {model!r} is not available (no local copy, no hub access): using the offline STAND-IN "
-        f"at {path} (a 2-layer Qwen3 with random weights and a stand-in tokenizer). Plumbing only: rankings "
-        "are NOT meaningful and its speed is not the real model's. Set RAG_RERANK_MODEL to a local copy."
+    return _resolve_reranker(
+        model,
+        "llm",
+        lambda seed: build_standin_llm(cache_dir, seed=seed),
+        offline=offline,
+        what=f"LLM reranker {model!r}",
+        standin_is="a 2-layer Qwen3 with random weights and a stand-in tokenizer). Plumbing only: rankings "
+        "are NOT meaningful and its speed is not the real model's. Set RAG_RERANK_MODEL to a local copy.",
     )
-    warnings.warn(msg, StandInWarning, stacklevel=2)
-    log.info(msg)
-    return ResolvedModel(model, str(path), "stand-in", trained=False)
 
 
 def build_standin_llm(cache_dir: Path, *, seed: int = STANDIN_SEED) -> Path:
