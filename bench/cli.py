@@ -196,7 +196,7 @@ def store(
         int, typer.Option(help="--index-types: warm-up queries before buffers are counted.")
     ] = 500,
     shared_buffers: Annotated[
-        str | None, typer.Option(help="--index-types: the server's shared_buffers [rows x 5 KB, >= 1GB].")
+        str | None, typer.Option(help="--index-types: the server's shared_buffers (rows x 5 KB, >= 1GB).")
     ] = None,
     as_json: JsonOpt = False,
     out: OutOpt = None,
@@ -281,7 +281,7 @@ def store(
 def fusion(
     dataset: DatasetOpt = None,
     collection: Annotated[
-        str | None, typer.Option("--collection", "-c", help="Collection [the dataset folder's name].")
+        str | None, typer.Option("--collection", "-c", help="Collection (the dataset folder's name).")
     ] = None,
     fetch_k: Annotated[int, typer.Option(help="Stage-1 candidates.")] = 100,
     top_k: Annotated[int, typer.Option(help="recall@top_k.")] = 8,
@@ -308,7 +308,7 @@ def fusion(
 def cost(
     dataset: DatasetOpt = None,
     collection: Annotated[
-        str | None, typer.Option("--collection", "-c", help="Collection [the dataset folder's name].")
+        str | None, typer.Option("--collection", "-c", help="Collection (the dataset folder's name).")
     ] = None,
     queries: Annotated[int, typer.Option(help="Queries embedded and searched (of the dataset's).")] = 200,
     rerank_queries: Annotated[int, typer.Option(help="Of those, queries whose candidates are reranked.")] = 5,

@@ -36,7 +36,7 @@ app.add_typer(db_app, name="db")
 
 CollectionOpt = Annotated[
     str | None,
-    typer.Option("--collection", "-c", help="Collection to use [default: RAG_COLLECTION or 'default']."),
+    typer.Option("--collection", "-c", help="Collection to use (default: RAG_COLLECTION or 'default')."),
 ]
 
 

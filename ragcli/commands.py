@@ -171,7 +171,7 @@ def query(
 def serve(
     config: Annotated[
         Path | None,
-        typer.Option(help="Serve config YAML [serve_config.cpu.yaml without a GPU, else serve_config.yaml]."),
+        typer.Option(help="Serve config YAML (serve_config.cpu.yaml without a GPU, else serve_config.yaml)."),
     ] = None,
     collection: CollectionOpt = None,
     port: Annotated[int | None, typer.Option(help="HTTP port [RAG_SERVE_PORT, 8000].")] = None,
@@ -202,7 +202,7 @@ def eval_cmd(
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Evaluate stage 1 alone.")] = False,
     mode: Annotated[
         list[str] | None,
-        typer.Option(help="Stage-1 mode to evaluate; repeat for several [all: dense, lexical, hybrid]."),
+        typer.Option(help="Stage-1 mode to evaluate; repeat for several (all: dense, lexical, hybrid)."),
     ] = None,
     fetch_k: Annotated[int, typer.Option(help="Candidates for reranking.")] = 100,
     top_k: Annotated[int, typer.Option(help="Results kept (recall@top_k).")] = 8,

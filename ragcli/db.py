@@ -117,20 +117,20 @@ def attach(
         str | None, typer.Option(help="Optional jsonb column (metadata filters).")
     ] = None,
     doc_id_column: Annotated[
-        str | None, typer.Option(help="Optional document id column [default: the id].")
+        str | None, typer.Option(help="Optional document id column (default: the id).")
     ] = None,
     distance: Annotated[
-        str | None, typer.Option(help="cosine, l2 or ip [default: the HNSW index's, else cosine].")
+        str | None, typer.Option(help="cosine, l2 or ip (default: the HNSW index's, else cosine).")
     ] = None,
     dim: Annotated[
         int | None,
-        typer.Option(help="Embedder dimension to check against [default: load the embedding model's]."),
+        typer.Option(help="Embedder dimension to check against (default: load the embedding model's)."),
     ] = None,
     lexical_column: Annotated[
         str | None,
         typer.Option(
             help="tsvector column, or text column with a BM25 index, for lexical and hybrid search "
-            "[default: found if the table has one, else dense only]."
+            "(default: found if the table has one, else dense only)."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,

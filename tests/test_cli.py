@@ -40,6 +40,26 @@ def test_help_explains_every_command():
         assert cmd in out
 
 
+def test_no_help_text_is_eaten_as_rich_markup():
+    """Typer renders help through Rich markup, where "[default: x]" or "[the folder's name]" is a style tag and
+    vanishes ("Collection to use ."). Every command's and option's help must print as written."""
+    import typer
+    from rich.text import Text
+
+    from ragcli import app
+
+    lost = []
+
+    def walk(cmd, path: str) -> None:
+        texts = [("help", cmd.help or "")] + [(p.name, getattr(p, "help", None) or "") for p in cmd.params]
+        lost.extend(f"{path} {name}: {t!r}" for name, t in texts if Text.from_markup(t).plain != t)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "rag")
+    assert not lost, "write (...) instead of [...] in these help texts:\n" + "\n".join(lost)
+
+
 def test_ingest_query_round_trip_and_errors(cli_env, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
