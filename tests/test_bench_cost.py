@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from helpers import ingest_demo
+
 from bench import stage_cost
-from tests.helpers import ingest_demo
 
 
 def test_postgres_cpu_counts_the_server_that_did_the_work(store) -> None:
